@@ -1,0 +1,43 @@
+"""`python -m pipeline run|status CONFIG`: the orchestrator behind scripts/run_all.sh."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import load_config
+from pipeline.errors import run_cli
+from pipeline.orchestrate import print_status, run_pipeline
+from pipeline.runs import STAGE_ORDER
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="frankenllama", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run surgery, train and eval in order, skipping complete stages")
+    run.add_argument("config")
+    group = run.add_mutually_exclusive_group()
+    group.add_argument("--from", dest="start", choices=STAGE_ORDER, help="start at this stage")
+    group.add_argument("--only", choices=STAGE_ORDER, help="run only this stage")
+    run.add_argument("--force", action="store_true", help="rerun selected stages even if complete")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    status = sub.add_parser("status", help="print each stage's state and where its outputs are")
+    status.add_argument("config")
+    status.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        if args.command == "status":
+            print_status(load_config(args.config, args.overrides))
+            return 0
+        return run_pipeline(args.config, args.overrides, args.start, args.only, args.force)
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

