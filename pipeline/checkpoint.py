@@ -127,6 +127,15 @@ class CheckpointReader:
             file = self._tensor_file.get(name)
             raise UserError(f"{file}: cannot read {name} ({err}); the file is truncated or corrupt") from None
 
+    def get_region(self, name: str, region: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Load only [start, stop) along each axis (say, a donor's new rows), never the rest of the tensor."""
+        view = self._slice(name)
+        try:
+            return view[tuple(slice(start, stop) for start, stop in region)]
+        except Exception as err:
+            file = self._tensor_file.get(name)
+            raise UserError(f"{file}: cannot read {name} ({err}); the file is truncated or corrupt") from None
+
     def total_bytes(self) -> int:
         return sum(path.stat().st_size for path in set(self._tensor_file.values()))
 

@@ -1,0 +1,119 @@
+"""The block-matrix rules of widening, as pure functions of tensors (no files, no configs).
+
+An HF `nn.Linear` stores W as (out, in). The widened weight is
+
+    W' = [[ M , 0 ],     rows 0..out   : the base's outputs, which must never read the new inputs
+          [ A , B ]]     rows out..out': the new units, filled according to the fill mode
+
+The top-right block is 0 in every mode: that is what keeps the base's own outputs unchanged. Every function
+returns fp32; the caller casts to the output dtype once, so no rounding happens between steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Role = Literal["reader", "writer"]
+
+
+@dataclass(frozen=True)
+class BlockFill:
+    """Which of the new rows' blocks take the donor's values (True) rather than 0."""
+
+    a: bool  # new rows x base inputs
+    b: bool  # new rows x new inputs
+
+
+# The fill-mode table of design/surgery.md. Readers take the residual stream as input (q, k, v, gate, up,
+# lm_head); writers write into it (o_proj, down_proj). `readers` zeroes the writers' new rows so the new
+# residual dims stay exactly 0 while the new heads and neurons still compute from the base's features.
+FILL_MODES: dict[str, dict[Role, BlockFill]] = {
+    "zero": {"reader": BlockFill(a=False, b=False), "writer": BlockFill(a=False, b=False)},
+    "block_diagonal": {"reader": BlockFill(a=False, b=True), "writer": BlockFill(a=False, b=True)},
+    "block_triangular": {"reader": BlockFill(a=True, b=True), "writer": BlockFill(a=True, b=True)},
+    "readers": {"reader": BlockFill(a=True, b=True), "writer": BlockFill(a=False, b=False)},
+}
+
+# block_triangular lets new heads read base features and write into the new residual dims, which then
+# change every RMS: it cannot reproduce the base.
+EXACT_MODES = frozenset({"zero", "block_diagonal", "readers"})
+
+# The 2023 script knew only these two fills.
+LEGACY_MODES = frozenset({"block_diagonal", "block_triangular"})
+
+
+def widen_linear(
+    base: torch.Tensor, new_shape: tuple[int, int], fill: BlockFill, donor_rows: torch.Tensor | None
+) -> torch.Tensor:
+    """[[M, 0], [A, B]] for one linear weight.
+
+    donor_rows are the donor's rows out..out' over its first in' columns, shape (out' - out, in'); they may be
+    None when the fill takes nothing from the donor.
+    """
+    out, inp = base.shape
+    new_out, new_in = new_shape
+    widened = torch.zeros(new_out, new_in, dtype=torch.float32)
+    widened[:out, :inp] = base
+    if new_out == out or not (fill.a or fill.b):
+        return widened
+    if donor_rows is None or tuple(donor_rows.shape) != (new_out - out, new_in):
+        got = None if donor_rows is None else tuple(donor_rows.shape)
+        raise ValueError(f"donor rows must have shape {(new_out - out, new_in)}, got {got}")
+    if fill.a:
+        widened[out:, :inp] = donor_rows[:, :inp]
+    if fill.b:
+        widened[out:, inp:] = donor_rows[:, inp:]
+    return widened
+
+
+def widen_columns(base: torch.Tensor, new_width: int, donor_columns: torch.Tensor | None) -> torch.Tensor:
+    """embed_tokens / lm_head: same rows (the vocabulary), new columns from the donor or 0.
+
+    embed_tokens' new columns must be 0 (they are residual dims the exact modes keep at 0); lm_head's new
+    columns may be the donor's, since they read dims that stay 0 and so leave the logits unchanged.
+    """
+    rows, width = base.shape
+    widened = torch.zeros(rows, new_width, dtype=torch.float32)
+    widened[:, :width] = base
+    if donor_columns is not None:
+        widened[:, width:] = donor_columns
+    return widened
+
+
+def norm_compensation(width: int, new_width: int) -> float:
+    """The factor sqrt(d/d') on the base's norm gains.
+
+    RMSNorm divides by sqrt(mean(x^2)) over the full width. With the new dims at 0 the mean is taken over d'
+    instead of d, so every normalised vector grows by sqrt(d'/d); scaling the base's gains by sqrt(d/d')
+    (and eps by d/d') undoes it exactly.
+    """
+    return math.sqrt(width / new_width)
+
+
+def widen_norm(
+    base: torch.Tensor, new_width: int, donor_entries: torch.Tensor, compensate: bool = True
+) -> torch.Tensor:
+    """An RMSNorm weight: the base's gains (compensated) followed by the donor's entries for the new dims.
+
+    The new entries must not be 0: a zero gain blocks every gradient into the new dims.
+    """
+    width = base.shape[0]
+    widened = torch.empty(new_width, dtype=torch.float32)
+    gains = base.to(torch.float32)
+    widened[:width] = gains * norm_compensation(width, new_width) if compensate else gains
+    widened[width:] = donor_entries
+    return widened
+
+
+def widened_rms_norm_eps(eps: float, width: int, new_width: int) -> float:
+    """eps * d/d': inside the square root it sits next to mean(x^2), which shrinks by d/d'."""
+    return eps * width / new_width
+
+
+def legacy_final_norm(new_width: int) -> torch.Tensor:
+    """The 2023 script never wrote model.norm, so it kept its initial value: all ones."""
+    return torch.ones(new_width, dtype=torch.float32)

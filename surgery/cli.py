@@ -1,0 +1,192 @@
+"""The surgery command line: build a widened model (or print its plan), or verify one against its base.
+
+    python -m surgery --base REF --donor REF|random --out DIR [--mode ...] [--dry-run] [--force]
+    python -m surgery --config FILE [--set surgery.key=value ...] [flags that override the config]
+    python -m surgery verify --base REF --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, get_args
+
+from pipeline.checkpoint import CheckpointReader, parse_size
+from pipeline.config import (
+    DType,
+    FillMode,
+    LayerMap,
+    RunConfig,
+    SurgeryConfig,
+    apply_override,
+    load_config,
+    validate_config,
+)
+from pipeline.errors import UserError, run_cli
+from pipeline.models import resolve_model
+from pipeline.runs import stage_fingerprint
+from surgery.execute import execute, free_disk_bytes
+from surgery.plan import SurgeryPlan, build_plan, check_checkpoint
+from surgery.shapes import check_donor_matches, read_model_shape, target_widths
+
+log = logging.getLogger("surgery")
+
+# CLI flag (argparse dest) -> key inside the config's surgery section.
+FLAG_KEYS = {
+    "base": "base",
+    "donor": "donor",
+    "mode": "mode",
+    "layer_map": "layer_map",
+    "legacy": "legacy",
+    "dtype": "dtype",
+    "seed": "seed",
+    "hidden_size": "target.hidden_size",
+    "num_attention_heads": "target.num_attention_heads",
+    "num_key_value_heads": "target.num_key_value_heads",
+    "intermediate_size": "target.intermediate_size",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m surgery",
+        description="Widen a trained Llama with the blocks of a wider donor. "
+        "`python -m surgery verify --base PATH --out DIR` checks a result.",
+    )
+    parser.add_argument("--base", help="base model: local HF folder, hub id, or smollm2-135m-instruct")
+    parser.add_argument("--donor", help="donor model (folder or hub id), or 'random' for seeded noise")
+    parser.add_argument("--out", help="output folder (default with --config: <run_dir>/surgery)")
+    parser.add_argument("--mode", choices=get_args(FillMode), help="fill mode of the new blocks (default readers)")
+    parser.add_argument("--layer-map", choices=get_args(LayerMap), help="donor layer per target layer "
+                        "(default proportional)")
+    parser.add_argument("--legacy", action="store_const", const=True, default=None,
+                        help="reproduce the 2023 script's output exactly (inexact; for comparing with its releases)")
+    parser.add_argument("--dtype", choices=get_args(DType), help="output dtype (default bfloat16)")
+    parser.add_argument("--seed", type=int, help="seed of the random donor")
+    parser.add_argument("--hidden-size", type=int)
+    parser.add_argument("--num-attention-heads", type=int)
+    parser.add_argument("--num-key-value-heads", type=int)
+    parser.add_argument("--intermediate-size", type=int)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without writing")
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument("--config", help="run config YAML; inputs from its surgery section")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. surgery.mode=zero (repeatable)")
+    return parser
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m surgery verify", description="fp32 logits check and "
+                                     "gradient probe of a surgery output against its base")
+    parser.add_argument("--base", required=True, help="the base model the surgery used")
+    parser.add_argument("--out", required=True, help="the surgery output folder")
+    return parser
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[RunConfig | None, SurgeryConfig, Path]:
+    """The effective surgery section: config file, then --set, then flags (each overriding the previous)."""
+    overrides = list(args.overrides)
+    for dest, key in FLAG_KEYS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            # JSON text is valid YAML, so a path like 'on' or '1e3' stays a string.
+            overrides.append(f"surgery.{key}={json.dumps(value)}")
+    if args.config:
+        run = load_config(args.config, overrides)
+        if run.surgery is None:
+            raise UserError(f"{args.config} has no surgery section; add one (see configs/smoke.yaml) or pass --base")
+        return run, run.surgery, Path(args.out) if args.out else run.stage_dir("surgery")
+    raw: dict[str, Any] = {"run_dir": "."}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    if not (raw.get("surgery") or {}).get("base"):
+        raise UserError("no base model given; pass --base PATH_OR_HUB_ID (or --config FILE with surgery.base)")
+    if not args.out:
+        raise UserError("no output folder given; pass --out DIR (or --config FILE to write <run_dir>/surgery)")
+    return None, validate_config(raw, "command line").surgery, Path(args.out)
+
+
+def refuse_overlap(out: Path, inputs: list[Path]) -> None:
+    """Never write into (or over) an input folder: inputs are never modified."""
+    target = out.resolve()
+    for folder in inputs:
+        source = folder.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise UserError(f"--out {out} overlaps the input {folder}; choose an output folder outside the inputs")
+
+
+def make_plan(settings: SurgeryConfig) -> SurgeryPlan:
+    """Resolve the models, check they can be grafted, and lay out every output tensor."""
+    base_folder = resolve_model(settings.base)
+    donor_folder = None if settings.donor == "random" else resolve_model(settings.donor)
+    base = read_model_shape(base_folder, "base")
+    donor = read_model_shape(donor_folder, "donor") if donor_folder is not None else None
+    if donor is not None:
+        check_donor_matches(base, donor)
+    target = target_widths(base, donor, settings.target)
+    plan = build_plan(
+        base,
+        donor,
+        target,
+        mode=settings.mode,
+        legacy=settings.legacy,
+        layer_map=settings.layer_map,
+        dtype=settings.dtype,
+        seed=settings.seed,
+        max_shard_bytes=parse_size(settings.max_shard_size),
+    )
+    check_checkpoint(CheckpointReader(base_folder), base)
+    if donor is not None:
+        check_checkpoint(CheckpointReader(donor_folder), donor)
+    return plan
+
+
+def build_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    run, settings, out = resolve_settings(args)
+    if out.exists() and not args.force and not args.dry_run:
+        raise UserError(f"output {out} already exists; pass --force to replace it or choose another --out")
+    plan = make_plan(settings)
+    refuse_overlap(out, [plan.base.folder] + ([plan.donor.folder] if plan.donor is not None else []))
+    if args.dry_run:
+        print(plan.render(free_disk_bytes(out)))
+        print(f"\noutput: {out}{' (exists; --force would replace it)' if out.exists() else ''}")
+        return 0
+    log.info("%s -> %s (%s, %s)", settings.base, out, plan.mode, plan.exactness.split(":")[0])
+    fields: dict[str, Any] = {
+        "inputs": {
+            "base": settings.base,
+            "base_folder": str(plan.base.folder),
+            "donor": settings.donor,
+            "donor_folder": str(plan.donor.folder) if plan.donor is not None else None,
+        },
+        "settings": settings.model_dump(mode="json"),
+    }
+    if run is not None:
+        fields["fingerprint"] = stage_fingerprint(run, "surgery")
+        fields["config"] = str(args.config)
+    execute(plan, out, args.force, fields)
+    return 0
+
+
+def verify_main(argv: list[str]) -> int:
+    from surgery.verify import verify
+
+    args = build_verify_parser().parse_args(argv)
+    out = Path(args.out)
+    if not out.is_dir():
+        raise UserError(f"{out} does not exist; pass the folder surgery wrote (--out of the build)")
+    report = verify(resolve_model(args.base), out)
+    print(report.render())
+    return 0 if report.passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="[surgery] %(message)s", stream=sys.stderr)
+    if argv and argv[0] == "verify":
+        return run_cli(lambda: verify_main(argv[1:]))
+    return run_cli(lambda: build_main(argv))

@@ -1,0 +1,149 @@
+"""Carry out a plan: stream each output tensor from its sources into the shards, then the config files.
+
+One output tensor exists at a time (plus the base tensor and donor region it is built from), so peak memory
+is set by the largest tensor, never by the shard size or the depth. Everything is written into a temporary
+sibling of the output folder, manifest.json last, and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline.checkpoint import CheckpointReader, ShardedWriter
+from pipeline.errors import UserError
+from pipeline.runs import atomic_output_dir, write_manifest
+from surgery import blocks
+from surgery.plan import SurgeryPlan, TensorPlan
+from surgery.random_donor import random_block, random_norm_entries
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+)
+# Room for config, tokenizer and index files on top of the tensor bytes.
+DISK_MARGIN_BYTES = 64 * 2**20
+
+
+def free_disk_bytes(out: Path) -> int:
+    """Free space on the file system that will hold `out` (its nearest existing ancestor)."""
+    probe = Path(out).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_free_disk(plan: SurgeryPlan, out: Path) -> None:
+    need, free = plan.bytes_to_write + DISK_MARGIN_BYTES, free_disk_bytes(out)
+    if free < need:
+        raise UserError(
+            f"not enough free disk for {out}: the plan writes {need / 1e9:.2f} GB and only {free / 1e9:.2f} GB "
+            "is free there; free some space, choose another --out, or a smaller --dtype"
+        )
+
+
+class TensorBuilder:
+    """Builds each planned tensor (fp32) from the base and donor readers; counts the bytes it reads."""
+
+    def __init__(self, plan: SurgeryPlan, base: CheckpointReader, donor: CheckpointReader | None):
+        self.plan, self.base, self.donor = plan, base, donor
+        self.bytes_read = 0
+
+    def _read_base(self, name: str) -> torch.Tensor:
+        tensor = self.base.get(name)
+        self.bytes_read += tensor.nbytes
+        return tensor
+
+    def _read_donor(self, entry: TensorPlan, base: torch.Tensor | None) -> torch.Tensor | None:
+        if entry.donor_region is None:
+            return None
+        if self.donor is None:
+            shape = tuple(stop - start for start, stop in entry.donor_region)
+            if entry.rule == "norm":
+                return random_norm_entries(shape[0])
+            std = base.to(torch.float32).std().item()
+            return random_block(entry.name, shape, std, self.plan.seed)
+        block = self.donor.get_region(entry.donor_source, entry.donor_region)
+        self.bytes_read += block.nbytes
+        return block
+
+    def build(self, entry: TensorPlan) -> torch.Tensor:
+        base = self._read_base(entry.base_source) if entry.base_source else None
+        donor = self._read_donor(entry, base)
+        if entry.rule == "linear":
+            fill = blocks.FILL_MODES[self.plan.mode][entry.role]
+            return blocks.widen_linear(base, entry.shape, fill, donor)
+        if entry.rule == "columns":
+            return blocks.widen_columns(base, entry.shape[1], donor)
+        if entry.rule == "norm":
+            return blocks.widen_norm(base, entry.shape[0], donor, compensate=not self.plan.legacy)
+        if entry.rule == "ones":
+            return blocks.legacy_final_norm(entry.shape[0])
+        raise ValueError(f"unknown rule {entry.rule!r} in the plan")
+
+
+def write_config_files(plan: SurgeryPlan, folder: Path) -> None:
+    """config.json with the new widths, explicit head_dim and eps; generation config and tokenizer copied."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig.from_dict(plan.base.config)
+    for name, value in plan.target.as_dict().items():
+        setattr(config, name, value)
+    config.rms_norm_eps = plan.rms_norm_eps
+    config.tie_word_embeddings = plan.tie_word_embeddings
+    config.dtype = plan.dtype
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+    for name in ("generation_config.json", *TOKENIZER_FILES):
+        source = plan.base.folder / name
+        if source.is_file():
+            shutil.copy2(source, folder / name)
+    if not (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(config).save_pretrained(folder)
+
+
+def execute(plan: SurgeryPlan, out: Path, force: bool, manifest_fields: dict[str, Any]) -> dict[str, Any]:
+    """Write the widened model to `out` atomically; returns what was read and written, and how long it took."""
+    check_free_disk(plan, out)
+    started = time.monotonic()
+    base_reader = CheckpointReader(plan.base.folder)
+    donor_reader = CheckpointReader(plan.donor.folder) if plan.donor is not None else None
+    builder = TensorBuilder(plan, base_reader, donor_reader)
+    with atomic_output_dir(out, force=force) as tmp:
+        log.info("writing %d tensors (%.2f GB, %s) into %s", len(plan.tensors), plan.bytes_to_write / 1e9,
+                 plan.dtype, tmp)
+        writer = ShardedWriter(tmp, plan.specs(), plan.max_shard_bytes)
+        for entry in tqdm(plan.tensors, desc="surgery", unit="tensor"):
+            tensor = builder.build(entry)
+            if not torch.isfinite(tensor).all():
+                raise UserError(f"{entry.name} has non-finite values after widening; check the base and donor")
+            writer.write(entry.name, tensor.to(plan.torch_dtype))
+            del tensor
+        writer.close()
+        write_config_files(plan, tmp)
+        stats = {
+            "bytes_read": builder.bytes_read,
+            "bytes_written": writer.bytes_written,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        write_manifest(tmp, "surgery", plan=plan.summary(), io=stats, **manifest_fields)
+    log.info("wrote %s in %.1f s (read %.2f GB, wrote %.2f GB)", out, stats["seconds"],
+             stats["bytes_read"] / 1e9, stats["bytes_written"] / 1e9)
+    return stats
