@@ -5,8 +5,9 @@ An HF `nn.Linear` stores W as (out, in). The widened weight is
     W' = [[ M , 0 ],     rows 0..out   : the base's outputs, which must never read the new inputs
           [ A , B ]]     rows out..out': the new units, filled according to the fill mode
 
-The top-right block is 0 in every mode: that is what keeps the base's own outputs unchanged. Every function
-returns fp32; the caller casts to the output dtype once, so no rounding happens between steps.
+The top-right block is 0 in every mode: that is what keeps the base's own outputs unchanged. The linear and
+vocabulary rules only copy values, so they build the result directly in the output dtype (one rounding, as a
+final cast would give); the norm rule multiplies, so it works in fp32.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ LEGACY_MODES = frozenset({"block_diagonal", "block_triangular"})
 
 
 def widen_linear(
-    base: torch.Tensor, new_shape: tuple[int, int], fill: BlockFill, donor_rows: torch.Tensor | None
+    base: torch.Tensor,
+    new_shape: tuple[int, int],
+    fill: BlockFill,
+    donor_rows: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """[[M, 0], [A, B]] for one linear weight.
 
@@ -56,31 +61,32 @@ def widen_linear(
     """
     out, inp = base.shape
     new_out, new_in = new_shape
-    widened = torch.zeros(new_out, new_in, dtype=torch.float32)
+    # empty, not zeros: every block is written exactly once below, which halves the memory traffic
+    widened = torch.empty(new_out, new_in, dtype=dtype)
     widened[:out, :inp] = base
-    if new_out == out or not (fill.a or fill.b):
+    widened[:out, inp:] = 0
+    if new_out == out:
         return widened
-    if donor_rows is None or tuple(donor_rows.shape) != (new_out - out, new_in):
+    if (fill.a or fill.b) and (donor_rows is None or tuple(donor_rows.shape) != (new_out - out, new_in)):
         got = None if donor_rows is None else tuple(donor_rows.shape)
         raise ValueError(f"donor rows must have shape {(new_out - out, new_in)}, got {got}")
-    if fill.a:
-        widened[out:, :inp] = donor_rows[:, :inp]
-    if fill.b:
-        widened[out:, inp:] = donor_rows[:, inp:]
+    widened[out:, :inp] = donor_rows[:, :inp] if fill.a else 0
+    widened[out:, inp:] = donor_rows[:, inp:] if fill.b else 0
     return widened
 
 
-def widen_columns(base: torch.Tensor, new_width: int, donor_columns: torch.Tensor | None) -> torch.Tensor:
+def widen_columns(
+    base: torch.Tensor, new_width: int, donor_columns: torch.Tensor | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """embed_tokens / lm_head: same rows (the vocabulary), new columns from the donor or 0.
 
     embed_tokens' new columns must be 0 (they are residual dims the exact modes keep at 0); lm_head's new
     columns may be the donor's, since they read dims that stay 0 and so leave the logits unchanged.
     """
     rows, width = base.shape
-    widened = torch.zeros(rows, new_width, dtype=torch.float32)
+    widened = torch.empty(rows, new_width, dtype=dtype)
     widened[:, :width] = base
-    if donor_columns is not None:
-        widened[:, width:] = donor_columns
+    widened[:, width:] = donor_columns if donor_columns is not None else 0
     return widened
 
 

@@ -186,7 +186,6 @@ def verify_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="[surgery] %(message)s", stream=sys.stderr)
     if argv and argv[0] == "verify":
         return run_cli(lambda: verify_main(argv[1:]))
     return run_cli(lambda: build_main(argv))

@@ -58,7 +58,7 @@ def check_free_disk(plan: SurgeryPlan, out: Path) -> None:
 
 
 class TensorBuilder:
-    """Builds each planned tensor (fp32) from the base and donor readers; counts the bytes it reads."""
+    """Builds each planned tensor from the base and donor readers; counts the bytes it reads."""
 
     def __init__(self, plan: SurgeryPlan, base: CheckpointReader, donor: CheckpointReader | None):
         self.plan, self.base, self.donor = plan, base, donor
@@ -80,16 +80,20 @@ class TensorBuilder:
             return random_block(entry.name, shape, std, self.plan.seed)
         block = self.donor.get_region(entry.donor_source, entry.donor_region)
         self.bytes_read += block.nbytes
+        # The donor is the foreign part of the graft; one reduction spots a NaN or inf anywhere in the block.
+        if block.numel() and not torch.isfinite(block.sum()) and not torch.isfinite(block).all():
+            raise UserError(f"donor tensor {entry.donor_source} has NaN or inf values; the donor is damaged")
         return block
 
     def build(self, entry: TensorPlan) -> torch.Tensor:
         base = self._read_base(entry.base_source) if entry.base_source else None
         donor = self._read_donor(entry, base)
+        dtype = self.plan.torch_dtype
         if entry.rule == "linear":
             fill = blocks.FILL_MODES[self.plan.mode][entry.role]
-            return blocks.widen_linear(base, entry.shape, fill, donor)
+            return blocks.widen_linear(base, entry.shape, fill, donor, dtype)
         if entry.rule == "columns":
-            return blocks.widen_columns(base, entry.shape[1], donor)
+            return blocks.widen_columns(base, entry.shape[1], donor, dtype)
         if entry.rule == "norm":
             return blocks.widen_norm(base, entry.shape[0], donor, compensate=not self.plan.legacy)
         if entry.rule == "ones":
@@ -131,12 +135,7 @@ def execute(plan: SurgeryPlan, out: Path, force: bool, manifest_fields: dict[str
                  plan.dtype, tmp)
         writer = ShardedWriter(tmp, plan.specs(), plan.max_shard_bytes)
         for entry in tqdm(plan.tensors, desc="surgery", unit="tensor"):
-            tensor = builder.build(entry)
-            # One reduction instead of a full boolean mask per tensor; a non-finite sum is then checked exactly.
-            if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
-                raise UserError(f"{entry.name} has non-finite values after widening; check the base and donor")
-            writer.write(entry.name, tensor.to(plan.torch_dtype))
-            del tensor
+            writer.write(entry.name, builder.build(entry).to(plan.torch_dtype))
         writer.close()
         write_config_files(plan, tmp)
         stats = {

@@ -19,7 +19,7 @@ def tensor_seed(seed: int, name: str) -> int:
 def random_block(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
     """N(0, std^2) values for the donor region of `name`; std is the matching base tensor's."""
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
-    return torch.randn(shape, generator=generator, dtype=torch.float32) * std
+    return torch.randn(shape, generator=generator, dtype=torch.float32).mul_(std)
 
 
 def random_norm_entries(width: int) -> torch.Tensor:
