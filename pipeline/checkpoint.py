@@ -117,24 +117,39 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype, read from the header (no data loaded), so a writer can be planned up front."""
+        code = self._slice(name).get_dtype()
+        for dtype, safetensors_code in _SAFETENSORS_DTYPES.items():
+            if safetensors_code == code:
+                return dtype
+        raise UserError(f"{self.folder}: tensor {name} has dtype {code}, which frankenllama does not handle")
+
+    def _read(self, name: str, region: Sequence[tuple[int, int]] | None) -> torch.Tensor:
+        """Read through a fresh handle that is closed right after.
+
+        safe_open maps the whole shard; pages copied out of a long-lived mapping stay resident and count
+        towards the process's RSS, so reading a checkpoint through cached handles grows memory with the bytes
+        read. A handle per read unmaps them again, keeping peak memory at one tensor.
+        """
+        if name not in self._tensor_file:
+            raise UserError(f"{self.folder}: tensor {name} is missing; the checkpoint is incomplete")
+        file = self._tensor_file[name]
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                if region is None:
+                    return handle.get_tensor(name)
+                return handle.get_slice(name)[tuple(slice(start, stop) for start, stop in region)]
+        except Exception as err:
+            raise UserError(f"{file}: cannot read {name} ({err}); the file is truncated or corrupt") from None
+
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor; a torn data section surfaces here as a one-line error."""
-        try:
-            return self._open(self._tensor_file[name]).get_tensor(name)
-        except KeyError:
-            raise UserError(f"{self.folder}: tensor {name} is missing; the checkpoint is incomplete") from None
-        except Exception as err:
-            file = self._tensor_file.get(name)
-            raise UserError(f"{file}: cannot read {name} ({err}); the file is truncated or corrupt") from None
+        return self._read(name, None)
 
     def get_region(self, name: str, region: Sequence[tuple[int, int]]) -> torch.Tensor:
         """Load only [start, stop) along each axis (say, a donor's new rows), never the rest of the tensor."""
-        view = self._slice(name)
-        try:
-            return view[tuple(slice(start, stop) for start, stop in region)]
-        except Exception as err:
-            file = self._tensor_file.get(name)
-            raise UserError(f"{file}: cannot read {name} ({err}); the file is truncated or corrupt") from None
+        return self._read(name, region)
 
     def total_bytes(self) -> int:
         return sum(path.stat().st_size for path in set(self._tensor_file.values()))
