@@ -50,6 +50,16 @@ class SurgeryConfig(StrictModel):
     max_shard_size: str = "5GB"
 
 
+class WatchdogConfig(StrictModel):
+    """The training-time degeneration check (pipeline/watchdog.py): greedy samples every `every_steps` steps."""
+
+    enabled: bool = True
+    every_steps: int = Field(default=50, gt=0)
+    max_new_tokens: int = Field(default=48, ge=16)  # the detector's one-token-run threshold is 8 tokens
+    stop_on_degenerate: bool = True  # save a checkpoint and stop instead of spending the rest of the budget
+    prompts: int = Field(default=8, ge=1, le=60)  # the first N shipped probe prompts (pipeline/probe_prompts.jsonl)
+
+
 class TrainConfig(StrictModel):
     """QLoRA fine-tuning of the surgery output (or of `model`, a folder or hub id)."""
 
@@ -57,12 +67,70 @@ class TrainConfig(StrictModel):
     max_steps: int = Field(default=100, gt=0)
     save_steps: int = Field(default=50, gt=0)
     seq_len: int = Field(default=2048, gt=0)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+
+
+class ProbeConfig(StrictModel):
+    """The degeneration probe: greedy outputs on the shipped prompts, judged against the base's outputs."""
+
+    prompts: int = Field(default=60, ge=1, le=60)  # the first N of pipeline/probe_prompts.jsonl
+    max_new_tokens: int = Field(default=64, ge=16)  # the detector's one-token-run threshold is 8 tokens
+    batch_size: int = Field(default=16, gt=0)
+    fail_on_degenerate: bool = True  # a DEGENERATE model makes the stage exit 3 (and leaves no manifest)
+    skip_benchmarks_on_degenerate: bool = True
+
+
+class PreservationConfig(StrictModel):
+    """Logit agreement of each model with the base on held-out text (the surgery must be exact)."""
+
+    enabled: bool = True
+    texts: int = Field(default=16, gt=0)
+    max_tokens: int = Field(default=256, gt=1)  # per text
+
+
+class PerplexityConfig(StrictModel):
+    """Bits per byte and token perplexity on <run_dir>/train/heldout.jsonl."""
+
+    enabled: bool = True
+    max_texts: int | None = Field(default=None, gt=0)  # None: every held-out document
+    window: int = Field(default=1024, gt=1)  # tokens per forward; context restarts at each window
+
+
+class BenchmarkSubset(StrictModel):
+    """Items to score (None: the whole split; for MMLU: items per subject) and few-shot examples per item."""
+
+    n: int | None = Field(default=None, gt=0)
+    num_fewshot: int = Field(default=0, ge=0)
+
+
+class BenchmarksConfig(StrictModel):
+    """lm-evaluation-harness with the old Open LLM Leaderboard settings, on seeded item subsets."""
+
+    enabled: bool = True
+    data_dir: Path | None = None  # a folder in the hub schemas (scripts/fetch_benchmarks.py); None: the hub
+    batch_size: int = Field(default=8, gt=0)
+    subset_seed: int = 0  # the same items for every model of a run
+    arc_challenge: BenchmarkSubset = Field(default_factory=lambda: BenchmarkSubset(n=300, num_fewshot=25))
+    hellaswag: BenchmarkSubset = Field(default_factory=lambda: BenchmarkSubset(n=300, num_fewshot=10))
+    mmlu: BenchmarkSubset = Field(default_factory=lambda: BenchmarkSubset(n=10, num_fewshot=5))
+    truthfulqa_mc2: BenchmarkSubset = Field(default_factory=lambda: BenchmarkSubset(n=300, num_fewshot=0))
 
 
 class EvalConfig(StrictModel):
     """Which models to check, and how."""
 
+    # Model references (folder, hub id, packaged name). None: surgery.base, <run_dir>/surgery and
+    # <run_dir>/train/merged, whichever exist.
     models: list[str] | None = None
+    base: str | None = None  # the reference for verdicts and paired differences; None: surgery.base or models[0]
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: float32 where the model fits in the device's free memory (exact preservation numbers), else the
+    # checkpoint's own dtype
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    preservation: PreservationConfig = Field(default_factory=PreservationConfig)
+    perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
+    benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
 
 
 class RunConfig(StrictModel):

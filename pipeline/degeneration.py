@@ -256,7 +256,6 @@ def degeneration_verdict(
     rates = FailureRates.of(outputs)
     base = FailureRates.of(base_outputs) if base_outputs is not None else None
     limits = RELATIVE_LIMITS if base is not None else ABSOLUTE_LIMITS
-    against = " than the base" if base is not None else ""
     found: list[tuple[Verdict, str]] = []
     if rates.nonfinite > 0:
         found.append(("DEGENERATE", f"non-finite logits in {rates.nonfinite:.0%} of outputs"))
@@ -271,7 +270,7 @@ def degeneration_verdict(
         level: Verdict | None = "DEGENERATE" if excess >= degenerate else "WARN" if excess >= warn else None
         if level:
             base_note = f" (base {reference:.0%})" if base else ""
-            found.append((level, f"{value:.0%} of outputs {label}{base_note}, {excess:+.0%}{against}"))
+            found.append((level, f"{value:.0%} of outputs {label}{base_note}"))
     if base is not None and limits.eos_drop_warn is not None and base.eos_reached - rates.eos_reached >= (
         limits.eos_drop_warn
     ):
