@@ -1,0 +1,1 @@
+"""The eval stage: catch degenerate output, measure preservation and perplexity, run benchmark subsets."""

@@ -1,0 +1,106 @@
+"""Command lines of the eval stage.
+
+`python -m eval --config FILE [--set k=v ...] [--force]` runs the stage for a run config.
+`python -m eval probe --model PATH [--base PATH] [--max-new-tokens N] [--json FILE]` only probes one model
+for degenerate output; its last line is `verdict: PASS|WARN|DEGENERATE`, and it exits 3 on DEGENERATE so a
+script can stop before spending a GPU budget on a broken model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from eval.models import ModelEntry, free_memory, load_model, load_tokenizer, pick_device
+from eval.probe import EXIT_DEGENERATE, ProbeResult, probe_model, summary_lines
+from pipeline.config import ProbeConfig, load_config
+from pipeline.errors import UserError, run_cli
+from pipeline.models import resolve_model
+from pipeline.runs import write_json_atomic
+
+log = logging.getLogger("eval")
+
+
+def stage_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval", description="Evaluate the run's models; `python -m eval probe -h` for the probe alone."
+    )
+    parser.add_argument("--config", required=True, help="run config YAML (e.g. configs/smoke.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. eval.probe.prompts=20 (repeatable)")
+    parser.add_argument("--force", action="store_true", help="replace an existing <run_dir>/eval")
+    return parser
+
+
+def probe_parser() -> argparse.ArgumentParser:
+    defaults = ProbeConfig()
+    parser = argparse.ArgumentParser(prog="python -m eval probe",
+                                     description="Greedy degeneration probe of one model, optionally against a base.")
+    parser.add_argument("--model", required=True, help="model folder, hub id or packaged name")
+    parser.add_argument("--base", help="the model it was made from; without it, absolute thresholds")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--prompts", type=int, default=defaults.prompts, help="how many shipped prompts")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--json", type=Path, help="also write verdicts, rates and every sample to this file")
+    return parser
+
+
+def _probe_one(label: str, ref: str, settings: ProbeConfig, args, base: ProbeResult | None,
+               tokenizer_fallback: Path | None) -> tuple[ProbeResult, Path]:
+    path = resolve_model(ref)
+    entry = ModelEntry(label, ref, path)
+    tokenizer = load_tokenizer(path, fallback=tokenizer_fallback)
+    model = load_model(entry, pick_device(args.device), args.dtype)
+    result = probe_model(label, model, tokenizer, settings, base)
+    del model
+    free_memory()
+    return result, path
+
+
+def run_probe_cli(args) -> int:
+    try:
+        settings = ProbeConfig(prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    except ValueError as err:
+        first = err.errors()[0] if hasattr(err, "errors") else {"loc": ("?",), "msg": str(err)}
+        raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    base_result, base_path = (None, None)
+    if args.base:
+        base_result, base_path = _probe_one("base", args.base, settings, args, None, None)
+    result, _ = _probe_one("model", args.model, settings, args, base_result, base_path)
+    for probed in (base_result, result):
+        if probed is not None:
+            print("\n".join(summary_lines(probed)))
+    if args.json:
+        payload = {
+            "model": args.model,
+            "base": args.base,
+            "settings": settings.model_dump(),
+            "verdict": result.judgement.verdict,
+            "judgement": result.judgement.to_dict(),
+            "base_judgement": base_result.judgement.to_dict() if base_result else None,
+            "samples": [s.to_dict() for s in result.samples],
+            "base_samples": [s.to_dict() for s in base_result.samples] if base_result else None,
+        }
+        write_json_atomic(args.json, payload)
+    print(f"verdict: {result.judgement.verdict}", flush=True)
+    return EXIT_DEGENERATE if result.judgement.verdict == "DEGENERATE" else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["probe"]:
+        args = probe_parser().parse_args(argv[1:])
+        return run_cli(lambda: run_probe_cli(args))
+    args = stage_parser().parse_args(argv)
+
+    def body() -> int:
+        from eval.stage import run_eval
+
+        config = load_config(args.config, args.overrides)
+        return run_eval(config, force=args.force)
+
+    return run_cli(body)
