@@ -50,6 +50,41 @@ class SurgeryConfig(StrictModel):
     max_shard_size: str = "5GB"
 
 
+class WandbConfig(StrictModel):
+    """Where a stage logs to Weights & Biases; `auto` goes online only with an API key and a reachable server."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "frankenllama"
+    entity: str | None = None
+    group: str | None = None  # default: the run folder's name, so all stages of one run share a group
+    name: str | None = None  # default: "<group>-<stage>"
+
+
+class TrainDataConfig(StrictModel):
+    """The token slice to train on: jsonl/jsonl.gz files with `text` (RedPajama's schema), local or on the hub.
+
+    A source is a local file, folder or glob; a hub dataset id (`org/name`, all its jsonl files) or one
+    file pattern in it (`org/name/wikipedia_*.jsonl`); or `python-stdlib-docs`, the bundled sample corpus.
+    """
+
+    sources: list[str] = Field(default_factory=lambda: ["togethercomputer/RedPajama-Data-1T-Sample"], min_length=1)
+    tokens: int = Field(default=20_000_000, gt=0)  # the whole slice, held-out documents included
+    heldout_fraction: float = Field(default=0.005, gt=0, lt=0.5)
+    seed: int = 0
+
+
+class LoraSettings(StrictModel):
+    """LoRA adapters; defaults are the QLoRA paper's recipe for 33B-class models."""
+
+    r: int = Field(default=64, gt=0)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+
+
 class WatchdogConfig(StrictModel):
     """The training-time degeneration check (pipeline/watchdog.py): greedy samples every `every_steps` steps."""
 
@@ -67,6 +102,19 @@ class TrainConfig(StrictModel):
     max_steps: int = Field(default=100, gt=0)
     save_steps: int = Field(default=50, gt=0)
     seq_len: int = Field(default=2048, gt=0)
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig)
+    quantization: Literal["nf4", "none"] = "nf4"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    optimizer: Literal["auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = "auto"  # auto: paged on CUDA
+    learning_rate: float = Field(default=1e-4, gt=0)
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    batch_size: int = Field(default=1, gt=0)
+    grad_accum: int = Field(default=16, gt=0)
+    max_grad_norm: float = Field(default=0.3, gt=0)
+    save_total_limit: int = Field(default=3, ge=2)  # 2+: rotation never leaves a torn newest as the only one
+    gradient_checkpointing: bool = True
+    max_shard_size: str = "5GB"  # shards of the merged export
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
 

@@ -76,3 +76,24 @@ def smollm2_dir() -> Path:
     from pipeline.models import resolve_model
 
     return resolve_model("smollm2-135m-instruct")
+
+
+def copy_tokenizer(source: Path, folder: Path) -> Path:
+    """Copy a model folder's tokenizer files (not its weights or config) into another model folder."""
+    import shutil
+
+    for file in source.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens_map")) or file.suffix == ".jinja":
+            shutil.copy2(file, folder / file.name)
+    return folder
+
+
+@pytest.fixture
+def tiny_llama_with_tokenizer(tiny_llama, smollm2_dir) -> Callable[..., Path]:
+    """Factory: a tiny random Llama with SmolLM2's real tokenizer (vocab 49152), for stage runs on real text."""
+
+    def make(name: str = "model", **kwargs) -> Path:
+        kwargs.setdefault("vocab_size", 49152)
+        return copy_tokenizer(smollm2_dir, tiny_llama(name, **kwargs))
+
+    return make

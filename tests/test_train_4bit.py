@@ -1,0 +1,61 @@
+"""The NF4 path on the real SmolLM2: LoRA gradients still reach q_proj after an eval-mode generate() (the
+AVX512-BF16 repacking trap of bitsandbytes on CPU), and the stage's own Trainer takes a few real steps."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import bitsandbytes as bnb
+import torch
+from transformers import AutoTokenizer
+
+from pipeline.config import LoraSettings, TrainConfig, WandbConfig
+from train.data import BUNDLED_SOURCES, PackedBlocks, make_tokenize, pack_documents
+from train.model import load_for_training
+from train.trainer import build_trainer
+
+
+def q_proj_lora(model, layer: int, factor: str) -> torch.nn.Parameter:
+    attention = model.base_model.model.model.layers[layer].self_attn
+    return getattr(attention.q_proj, f"lora_{factor}")["default"].weight
+
+
+def test_nf4_smollm2_keeps_q_proj_gradients_after_generate_and_trains(smollm2_dir, tmp_path):
+    settings = TrainConfig(
+        quantization="nf4", seq_len=32, max_steps=3, save_steps=100, grad_accum=1, learning_rate=1e-3,
+        warmup_ratio=0.0, lora=LoraSettings(r=8, dropout=0.0), wandb=WandbConfig(mode="disabled"),
+    )
+    cpu = torch.device("cpu")
+    model = load_for_training(smollm2_dir, settings, cpu)
+    layers = model.base_model.model.model.layers
+    assert isinstance(layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert layers[0].self_attn.q_proj.base_layer.weight.quant_state.nested  # double quantization
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+
+    # An eval-mode generate first: on AVX512-BF16 CPUs this is what used to repack the 4-bit weights in place.
+    model.eval()
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        answer = model.generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(answer[0, prompt.input_ids.shape[1]:])
+
+    model.train()
+    batch = tokenizer("Return the number of items in a container, counting each item once.", return_tensors="pt")
+    model(**batch, labels=batch.input_ids).loss.backward()
+    # lora_B of layer 0's q_proj only gets gradient if it flowed back through all 30 layers' 4-bit linears.
+    for index in range(len(layers)):
+        assert q_proj_lora(model, index, "B").grad.abs().sum() > 0, f"no gradient at layer {index}'s q_proj"
+    model.zero_grad(set_to_none=True)
+
+    with gzip.open(BUNDLED_SOURCES["python-stdlib-docs"], "rt", encoding="utf-8") as handle:
+        texts = [json.loads(next(handle))["text"] for _ in range(2)]
+    documents = make_tokenize(tokenizer)(texts)
+    blocks = pack_documents(documents, settings.seq_len, budget=3 * settings.seq_len)
+    a_before = q_proj_lora(model, 0, "A").detach().clone()
+    trainer = build_trainer(model, PackedBlocks(blocks), settings, tmp_path / "out", seed=0, device=cpu)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert q_proj_lora(model, 0, "B").abs().sum() > 0  # B starts at zero: it moved
+    assert not torch.equal(q_proj_lora(model, 0, "A"), a_before)

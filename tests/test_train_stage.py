@@ -1,0 +1,195 @@
+"""The train stage end to end through its CLI, on a tiny Llama with SmolLM2's tokenizer and the bundled corpus:
+the loss falls, outputs and manifest appear, wandb offline leaves a run folder, a SIGKILLed run resumes with
+the same losses and wandb run id, and bad input fails with one line before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import copy_tokenizer, write_tiny_llama
+from transformers import AutoModelForCausalLM
+
+from pipeline.config import load_config
+from pipeline.runs import read_manifest, stage_fingerprint
+from train.__main__ import main as train_main
+from train.trainer import newest_complete_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 24
+SAVE_STEPS = 4
+
+
+def stage_config(run_dir: Path, model_dir: Path, **train_overrides) -> dict:
+    train = {
+        "model": str(model_dir),
+        "max_steps": MAX_STEPS,
+        "save_steps": SAVE_STEPS,
+        "seq_len": 64,
+        "grad_accum": 2,
+        "quantization": "nf4",
+        "learning_rate": 0.01,
+        "warmup_ratio": 0.0,  # so a run started with a larger max_steps follows the same schedule
+        "data": {"sources": ["python-stdlib-docs"], "tokens": 1500, "heldout_fraction": 0.1},
+        "lora": {"r": 8, "alpha": 16},
+        "wandb": {"mode": "offline"},
+    }
+    train.update(train_overrides)
+    return {"run_dir": str(run_dir), "seed": 0, "train": train}
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_stage(config: Path, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "train", "--config", str(config), *args], cwd=REPO, env=env,
+                            **popen)
+
+
+def losses(train_dir: Path) -> dict[int, float]:
+    history = json.loads((train_dir / "log_history.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smollm2_dir) -> Path:
+    folder = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", vocab_size=49152, hidden_size=64,
+                              intermediate_size=128)
+    return copy_tokenizer(smollm2_dir, folder)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
+    """One uninterrupted run: (its config file, its train folder)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    config = write_config(root / "config.yaml", stage_config(root / "run", tiny_model))
+    process = run_stage(config, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    return config, root / "run" / "train"
+
+
+def test_tiny_model_trains_its_loss_falls_and_the_stage_exports(finished_run, tiny_model):
+    config, train_dir = finished_run
+    manifest = read_manifest(train_dir)
+    assert manifest["fingerprint"] == stage_fingerprint(load_config(config), "train")
+    assert manifest["steps"] == MAX_STEPS and manifest["quantization"] == "nf4"
+    loss = losses(train_dir)
+    assert sorted(loss) == list(range(1, MAX_STEPS + 1))
+    first, last = sum(loss[s] for s in range(1, 5)) / 4, sum(loss[s] for s in range(MAX_STEPS - 3, MAX_STEPS + 1)) / 4
+    assert last < first - 0.5, loss
+    logged = json.loads((train_dir / "log_history.json").read_text())
+    assert all(entry["tokens_per_second"] > 0 for entry in logged if "loss" in entry and entry["step"] > 1)
+    assert all("grad_norm" in entry and "learning_rate" in entry for entry in logged if "loss" in entry)
+
+    heldout = [json.loads(line) for line in (train_dir / "heldout.jsonl").read_text().splitlines()]
+    assert heldout and all(set(record) == {"text"} and record["text"] for record in heldout)
+    assert (train_dir / "adapter" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(train_dir / "merged", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids = torch.tensor([[1, 500, 900, 42, 7]])
+    with torch.no_grad():
+        assert not torch.allclose(merged(ids).logits, base(ids).logits)
+    checkpoints = sorted(p.name for p in train_dir.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-16", "checkpoint-20", "checkpoint-24"]  # save_total_limit 3
+
+    run_id = (train_dir / "wandb_run_id").read_text().strip()
+    assert manifest["wandb_run_id"] == run_id
+    run_folders = list((train_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(run_folders) == 1 and list(run_folders[0].glob("*.wandb"))
+
+
+def test_sigkilled_run_resumes_with_the_same_losses_and_wandb_run(tmp_path, tiny_model, finished_run):
+    config = write_config(tmp_path / "config.yaml", stage_config(tmp_path / "run", tiny_model))
+    train_dir = tmp_path / "run" / "train"
+    # The killed run aims far past MAX_STEPS so it cannot finish before the kill; with no warmup its schedule
+    # is the same constant one.
+    process = run_stage(config, "--set", "train.max_steps=100000", stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while newest_complete_checkpoint(train_dir) is None:
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = newest_complete_checkpoint(train_dir)
+    assert killed_at is not None and int(killed_at.name.split("-")[1]) < MAX_STEPS
+    assert read_manifest(train_dir) is None
+    run_id = (train_dir / "wandb_run_id").read_text().strip()
+
+    resumed = run_stage(config, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"resuming from {killed_at}" in output
+
+    expected, got = losses(finished_run[1]), losses(train_dir)
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
+    assert (train_dir / "wandb_run_id").read_text().strip() == run_id
+    assert read_manifest(train_dir)["wandb_run_id"] == run_id
+    assert len(list((train_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # one folder per process
+
+
+def test_complete_stage_is_not_retrained_and_changed_settings_do_not_resume(finished_run, capsys):
+    config, train_dir = finished_run
+    before = (train_dir / "manifest.json").read_text()
+    assert train_main(["--config", str(config)]) == 0
+    assert (train_dir / "manifest.json").read_text() == before
+
+    assert train_main(["--config", str(config), "--set", "train.lora.r=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [line for line in err if line.startswith("error: ")] and len(err) == 1
+    assert "changed: train.lora.r" in err[0] and "--no-resume" in err[0]
+    assert (train_dir / "manifest.json").read_text() == before
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"model": None}, "run surgery first"),
+        ({"model": "/nonexistent/model"}, "'/nonexistent/model' not found"),
+        ({"data": {"sources": ["BAD"], "tokens": 1500}}, "not readable jsonl"),
+        ({"data": {"sources": ["python-stdlib-docs"], "tokens": 50_000_000}}, "fewer than the slice"),
+        ({"seq_len": 512}, "beyond the model's context of 256 tokens"),
+    ],
+    ids=["missing-model", "unknown-model", "unreadable-data", "slice-too-large", "seq-len-beyond-context"],
+)
+def test_bad_input_fails_with_one_line_and_leaves_nothing(tmp_path, tiny_model, capsys, overrides, fragment):
+    bad_data = tmp_path / "bad.jsonl.gz"
+    bad_data.write_bytes(b"not gzip at all")
+    if "data" in overrides:
+        overrides["data"]["sources"] = [str(bad_data) if s == "BAD" else s for s in overrides["data"]["sources"]]
+    config = write_config(tmp_path / "config.yaml", stage_config(tmp_path / "run", tiny_model, **overrides))
+    model_before = _snapshot(tiny_model)
+    assert train_main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # progress bars share stderr
+    assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == errors[0]
+    assert _snapshot(tiny_model) == model_before
+    train_dir = tmp_path / "run" / "train"
+    assert read_manifest(train_dir) is None and not list(train_dir.glob("checkpoint-*"))
+
+
+def test_cli_exit_code_and_no_traceback(tmp_path, tiny_model):
+    config = write_config(tmp_path / "config.yaml", stage_config(tmp_path / "run", tiny_model, model=None))
+    process = run_stage(config, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert err.strip().startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1

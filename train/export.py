@@ -1,0 +1,112 @@
+"""Export: the LoRA adapter on its own, and merged into the unquantized base weights as a plain HF folder.
+
+The merge never loads a model: it streams the base checkpoint tensor by tensor (pipeline.checkpoint), adds
+scale * B @ A to each adapted weight in fp32, stores it back in the base's dtype, and writes shards as it
+goes, so a 22b merge needs one tensor's worth of memory, not 44 GB. Merging into the full-precision base (not
+the NF4 copy trained against) is QLoRA's usual export: the adapter learned a correction to W, and the NF4
+rounding error is not baked into the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from pipeline.checkpoint import CheckpointReader, ShardedWriter, TensorSpec, parse_size
+from pipeline.errors import UserError
+from pipeline.runs import atomic_output_dir
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+# Everything of a model folder except its weights: the merged folder must load with from_pretrained alone.
+MODEL_FOLDER_FILES = (
+    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "*.jinja",
+)
+
+
+def save_adapter(peft_model, adapter_dir: Path) -> Path:
+    """The trained adapter as peft writes it (adapter_config.json + adapter_model.safetensors), atomically."""
+    with atomic_output_dir(adapter_dir, force=True) as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+    log.info("export: adapter saved to %s", adapter_dir)
+    return adapter_dir
+
+
+def lora_scale(adapter_config: dict) -> float:
+    """peft's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    if adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"):
+        raise UserError("the adapter uses per-module rank/alpha patterns, which the streaming merge does not handle")
+    r, alpha = adapter_config["r"], adapter_config["lora_alpha"]
+    return alpha / math.sqrt(r) if adapter_config.get("use_rslora") else alpha / r
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """{base weight name: (A [r, in], B [out, r])} and the LoRA scale."""
+    try:
+        adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {adapter_dir / ADAPTER_CONFIG} ({err}); export the adapter again") from None
+    if adapter_config.get("fan_in_fan_out"):
+        raise UserError("the adapter was trained with fan_in_fan_out (GPT-2 style Conv1D); Llama never needs it")
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+            if kind not in ("A.weight", "B.weight"):
+                raise UserError(f"{adapter_dir}: unexpected adapter tensor {key}; only LoRA A/B weights are merged")
+            factors.setdefault(f"{module}.weight", {})[kind[0]] = handle.get_tensor(key)
+    pairs = {}
+    for name, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise UserError(f"{adapter_dir}: {name} has a LoRA {'A' if 'A' in pair else 'B'} factor but not the other")
+        pairs[name] = (pair["A"], pair["B"])
+    return pairs, lora_scale(adapter_config)
+
+
+def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B @ A, computed in fp32 whatever the storage dtype, stored back in W's dtype."""
+    delta = lora_b.to(torch.float32) @ lora_a.to(torch.float32)
+    return (weight.to(torch.float32) + scale * delta).to(weight.dtype)
+
+
+def copy_model_folder_files(base_dir: Path, out_dir: Path) -> None:
+    for pattern in MODEL_FOLDER_FILES:
+        for path in base_dir.glob(pattern):
+            if path.is_file():
+                shutil.copy2(path, out_dir / path.name)
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, merged_dir: Path, max_shard_size: str = "5GB") -> Path:
+    """Write base + adapter as a normal HF model folder at `merged_dir`, streaming one tensor at a time."""
+    reader = CheckpointReader(base_dir)
+    pairs, scale = read_adapter(adapter_dir)
+    unknown = sorted(set(pairs) - set(reader.names))
+    if unknown:
+        raise UserError(f"the adapter adapts {unknown[0]}, which {base_dir} does not have; wrong base model?")
+    for name, (lora_a, lora_b) in pairs.items():
+        rows, cols = reader.shape(name)
+        if (lora_b.shape[0], lora_a.shape[1]) != (rows, cols):
+            raise UserError(f"adapter for {name} is {lora_b.shape[0]}x{lora_a.shape[1]}, the base is {rows}x{cols}")
+    specs = [TensorSpec(name, reader.shape(name), reader.dtype(name)) for name in reader.names]
+    with atomic_output_dir(merged_dir, force=True) as tmp:
+        writer = ShardedWriter(tmp, specs, parse_size(max_shard_size))
+        for spec in tqdm(specs, desc="merging LoRA into the base weights", unit="tensor"):
+            tensor = reader.get(spec.name)
+            if spec.name in pairs:
+                tensor = merged_weight(tensor, *pairs[spec.name], scale)
+            writer.write(spec.name, tensor)
+        writer.close()
+        copy_model_folder_files(base_dir, tmp)
+    log.info("export: merged %d adapted tensors (scale %g) into %s", len(pairs), scale, merged_dir)
+    return merged_dir

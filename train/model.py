@@ -1,0 +1,135 @@
+"""The model to train: an NF4 (or plain) base with LoRA adapters on the decoder's linear layers.
+
+QLoRA's recipe: NF4 with double quantization on every decoder linear, bf16 compute on CUDA (fp32 on CPU,
+which has no fast bf16 matmul for this path). Unlike peft's `prepare_model_for_kbit_training`, the frozen
+embeddings and lm_head are NOT upcast to fp32: they take no gradient, and for a 32000 x 6656 pair the upcast
+alone costs 1.7 GB of a 24 GB card. What that upcast does buy is an fp32 residual stream, and that is kept:
+see `keep_residual_stream_fp32`. Gradient checkpointing uses the non-reentrant variant, which needs no
+`enable_input_require_grads` hook on the embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline.config import LoraSettings, TrainConfig
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def training_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def nf4_config(compute: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def load_base_model(model_dir: Path, quantization: str, device: torch.device):
+    """The frozen base, NF4-quantized while loading (never materialized in full precision on the GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": compute_dtype(device), "device_map": {"": str(device)}}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = nf4_config(compute_dtype(device))
+    log.info("model: loading %s (%s weights, %s compute on %s)", model_dir, quantization, kwargs["dtype"], device)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(
+            f"cannot load the model from {model_dir} ({reason}); check the folder is a complete HF model"
+        ) from None
+
+
+def keep_cpu_4bit_weights_trainable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for AVX512-BF16 CPUs; returns how many layers it touched.
+
+    On such CPUs the first eval-mode forward (generate, no_grad) repacks each Linear4bit's weight in place,
+    and from then on gradients silently stop at every 4-bit linear: only the LoRA of layers whose input
+    gradient is not needed (o_proj, down_proj) keeps learning while the loss still falls. The flag is only
+    read on CPU, so setting it everywhere is harmless on CUDA.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def keep_residual_stream_fp32(model: torch.nn.Module) -> None:
+    """Carry the residual stream in fp32 while the big frozen tables stay in half precision.
+
+    A 4-bit linear hands back its output in its input's dtype, and peft adds the LoRA delta to that output.
+    At the start of training the delta is about 1e-4 of the base output: in a bf16 stream (8 mantissa bits)
+    it is rounded away and the loss falls several times slower than with peft's fp32 upcast. Casting the
+    embedding output to fp32 and the norm weights (a few MB) to fp32 keeps the stream fp32 end to end; the
+    matmuls still run in bf16 under the Trainer's autocast.
+    """
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight") and param.dtype != torch.float32:
+            param.data = param.data.float()
+    model.get_input_embeddings().register_forward_hook(lambda _module, _inputs, output: output.float())
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant checkpointing of every decoder layer (transformers renamed the method in 5.x)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def prepare_for_training(model, lora: LoraSettings, gradient_checkpointing: bool):
+    """Freeze the base, add LoRA on the configured projections, enable checkpointing; returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    for param in model.parameters():
+        param.requires_grad_(False)
+    keep_cpu_4bit_weights_trainable(model)
+    if model.get_input_embeddings().weight.dtype != torch.float32:
+        keep_residual_stream_fp32(model)
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    lora_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(lora.target_modules) - present)
+    if missing:
+        raise UserError(f"train.lora.target_modules names {missing[0]!r}, which this model does not have")
+    peft_model = get_peft_model(model, lora_config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    log.info("model: LoRA r=%d alpha=%g on %s: %s trainable parameters", lora.r, lora.alpha,
+             ",".join(lora.target_modules), f"{trainable:,}")
+    return peft_model
+
+
+def load_for_training(model_dir: Path, train: TrainConfig, device: torch.device):
+    model = load_base_model(model_dir, train.quantization, device)
+    return prepare_for_training(model, train.lora, train.gradient_checkpointing)

@@ -1,0 +1,192 @@
+"""The train stage from config to manifest: find the model, slice the data, train (resuming), export.
+
+`<run_dir>/train/` is filled in place (checkpoints accumulate there while training) and counts as finished
+only once `manifest.json` is written, last. A rerun resumes from the newest complete checkpoint unless told
+`--no-resume`; checkpoints made with different settings are never silently continued.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.errors import UserError
+from pipeline.models import resolve_model
+from pipeline.runs import MANIFEST, read_manifest, stage_fingerprint, write_json_atomic, write_manifest
+from pipeline.tracking import start_run
+
+log = logging.getLogger(__name__)
+
+RESUME_SETTINGS = "resume_settings.json"
+HELDOUT = "heldout.jsonl"
+LOG_HISTORY = "log_history.json"
+# The train settings a checkpoint's weights, optimizer state and data position depend on; the others (max_steps,
+# save_steps, wandb, ...) may change between a run and its resumption.
+CHECKPOINT_SETTINGS = {
+    "model", "seq_len", "data", "quantization", "lora", "optimizer", "learning_rate", "warmup_ratio",
+    "batch_size", "grad_accum", "max_grad_norm",
+}
+
+
+def locate_model(config: RunConfig) -> Path:
+    """`train.model` if set, else the surgery stage's finished output in this run folder."""
+    if config.train.model:
+        return resolve_model(config.train.model)
+    surgery_dir = config.stage_dir("surgery")
+    manifest = read_manifest(surgery_dir)
+    if manifest is None:
+        raise UserError(
+            f"no finished surgery output in {surgery_dir} ({MANIFEST} missing or incomplete); run surgery first "
+            "(python -m surgery --config FILE) or set train.model to a model folder or hub id"
+        )
+    if config.surgery is not None and manifest.get("fingerprint") != stage_fingerprint(config, "surgery"):
+        raise UserError(f"{surgery_dir} was made with a different surgery config; rerun surgery first")
+    return resolve_model(str(surgery_dir))
+
+
+def check_context(model_dir: Path, seq_len: int) -> None:
+    try:
+        model_config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {model_dir / 'config.json'} ({err}); the model folder is incomplete") from None
+    context = model_config.get("max_position_embeddings")
+    if context is not None and seq_len > context:
+        raise UserError(
+            f"train.seq_len={seq_len} is beyond the model's context of {context} tokens "
+            f"(max_position_embeddings in {model_dir / 'config.json'}); lower train.seq_len"
+        )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_settings(config: RunConfig, model_dir: Path) -> dict[str, Any]:
+    """What checkpoints depend on: CHECKPOINT_SETTINGS of the train section, the seed and the base model."""
+    base = read_manifest(model_dir) or {}
+    return {
+        "seed": config.seed,
+        "model": str(model_dir.resolve()),
+        "model_fingerprint": base.get("fingerprint"),
+        "train": config.train.model_dump(mode="json", include=CHECKPOINT_SETTINGS),
+    }
+
+
+def check_resume_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to continue checkpoints made with other settings; record the settings for the next resume."""
+    path = out_dir / RESUME_SETTINGS
+    if path.is_file() and any(out_dir.glob("checkpoint-*")):
+        old = _flatten(json.loads(path.read_text()))
+        new = _flatten(settings)
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            raise UserError(
+                f"the checkpoints in {out_dir} were made with other settings (changed: {', '.join(changed)}); "
+                "rerun with --no-resume to start over, or restore those settings to resume"
+            )
+    write_json_atomic(path, settings)
+
+
+def publish_heldout(source: Path, out_dir: Path) -> Path:
+    """Copy the held-out documents next to the stage outputs, where the eval stage looks for them."""
+    target = out_dir / HELDOUT
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def last_loss(log_history: list[dict[str, Any]]) -> float | None:
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    return losses[-1] if losses else None
+
+
+def run_train(config: RunConfig, resume: bool = True) -> Path:
+    """Run the whole stage; returns `<run_dir>/train/`."""
+    out_dir = config.stage_dir("train")
+    train = config.train
+    model_dir = locate_model(config)
+    check_context(model_dir, train.seq_len)
+    fingerprint = stage_fingerprint(config, "train")
+    manifest = read_manifest(out_dir)
+    if resume and manifest is not None and manifest.get("fingerprint") == fingerprint:
+        log.info("train: already complete for this config (%s); pass --no-resume to train again", out_dir)
+        return out_dir
+    if not resume and out_dir.exists():
+        log.info("train: --no-resume, deleting the previous checkpoints and outputs in %s", out_dir)
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_resume_settings(out_dir, resume_settings(config, model_dir))
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the folder is a run in progress
+
+    # Heavy imports only now: bad input above fails in a second, and the data/model modules need torch & co.
+    import torch
+    from transformers import set_seed
+
+    from train.data import prepare_corpus
+    from train.export import merge_adapter, save_adapter
+    from train.model import load_for_training, training_device
+    from train.trainer import (
+        WandbLogging,
+        build_trainer,
+        newest_complete_checkpoint,
+        remove_incomplete_checkpoints,
+        run_training,
+    )
+
+    corpus = prepare_corpus(train.data, train.seq_len, model_dir, config.run_dir / "data")
+    heldout = publish_heldout(corpus.heldout_path, out_dir)
+    device = training_device()
+    run = start_run(train.wandb, config.run_dir, out_dir, "train", config.model_dump(mode="json"))
+    wandb_run_id = run.id if run is not None else None
+    exit_code = 1
+    try:
+        set_seed(config.seed)
+        model = load_for_training(model_dir, train, device)
+        remove_incomplete_checkpoints(out_dir)
+        resume_from = newest_complete_checkpoint(out_dir) if resume else None
+        trainer = build_trainer(
+            model, corpus.dataset(), train, out_dir, config.seed, device, [WandbLogging(run)] if run else []
+        )
+        run_training(trainer, resume_from, out_dir)
+        history = trainer.state.log_history
+        write_json_atomic(out_dir / LOG_HISTORY, history)
+        save_adapter(model, out_dir / "adapter")
+        del trainer, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        merge_adapter(model_dir, out_dir / "adapter", out_dir / "merged", train.max_shard_size)
+        exit_code = 0
+    finally:
+        if run is not None:
+            run.finish(exit_code=exit_code)
+    steps = max((entry.get("step", 0) for entry in history), default=0)
+    write_manifest(
+        out_dir,
+        "train",
+        fingerprint=fingerprint,
+        model=str(model_dir),
+        device=str(device),
+        quantization=train.quantization,
+        steps=steps,
+        final_loss=last_loss(history),
+        data=corpus.summary,
+        heldout=heldout.name,
+        adapter="adapter",
+        merged="merged",
+        log_history=LOG_HISTORY,
+        wandb_run_id=wandb_run_id,
+    )
+    log.info("train: done after %d steps; merged model in %s", steps, out_dir / "merged")
+    return out_dir

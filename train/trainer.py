@@ -1,0 +1,192 @@
+"""The training loop: the HF Trainer with QLoRA's settings, exact resumption, and logs worth reading.
+
+The Trainer already saves and restores adapter, optimizer, scheduler, RNG state and step; with a map-style
+dataset of pre-packed blocks it also lands on the exact data position (its seeded sampler is replayed and the
+consumed batches skipped by index, nothing re-read). What is added here: which checkpoint counts as
+complete (a run killed mid-save leaves a torn one), tokens/s and peak GPU memory in every log line, and a
+stop on a non-finite loss that keeps the last good checkpoint (the Trainer's default would average the NaN
+away in the log and save the broken weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+from pipeline.config import TrainConfig
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Written by Trainer._save_checkpoint in this order; trainer_state.json comes last.
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = CHECKPOINT.match(path.name)
+    return int(match.group(1)) if match and path.is_dir() else None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """All of a checkpoint's files are there and its state (written last) parses and names its own step."""
+    if not all((path / name).is_file() for name in CHECKPOINT_FILES):
+        return False
+    if not any(path.glob("rng_state*.pth")):
+        return False
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (json.JSONDecodeError, OSError):
+        return False
+    return state.get("global_step") == checkpoint_step(path)
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    found = [p for p in out_dir.glob("checkpoint-*") if checkpoint_step(p) is not None] if out_dir.is_dir() else []
+    return sorted(found, key=checkpoint_step)
+
+
+def newest_complete_checkpoint(out_dir: Path) -> Path | None:
+    complete = [p for p in checkpoints(out_dir) if is_complete_checkpoint(p)]
+    return complete[-1] if complete else None
+
+
+def remove_incomplete_checkpoints(out_dir: Path) -> None:
+    """Delete checkpoints torn by a killed run, so neither resumption nor rotation ever picks one up."""
+    for path in checkpoints(out_dir):
+        if not is_complete_checkpoint(path):
+            log.info("train: removing incomplete %s left by an interrupted run", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def optimizer_name(setting: str, device: torch.device) -> str:
+    if setting == "auto":
+        return "paged_adamw_32bit" if device.type == "cuda" else "adamw_torch"
+    if setting.startswith("paged_") and device.type != "cuda":
+        raise UserError(f"train.optimizer {setting} needs a CUDA GPU; use auto or adamw_torch on CPU")
+    return setting
+
+
+def training_arguments(train: TrainConfig, out_dir: Path, seed: int, device: torch.device) -> TrainingArguments:
+    cuda = device.type == "cuda"
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of max_steps
+        max_grad_norm=train.max_grad_norm,
+        weight_decay=0.0,
+        optim=optimizer_name(train.optimizer, device),
+        bf16=cuda,
+        use_cpu=not cuda,
+        seed=seed,
+        data_seed=train.data.seed,
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # the default hides a NaN loss behind the running average
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        remove_unused_columns=False,
+        dataloader_pin_memory=cuda,
+        report_to="none",  # wandb is driven by WandbLogging, so the run id and config stay ours
+    )
+
+
+class ThroughputMeter(TrainerCallback):
+    """Training tokens per second between two logs (every block is full: no padding to discount)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self._mark: tuple[float, int] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._mark = (time.perf_counter(), state.global_step)
+
+    def tokens_per_second(self, global_step: int) -> float | None:
+        if self._mark is None:
+            return None
+        now = time.perf_counter()
+        then, step = self._mark
+        self._mark = (now, global_step)
+        if global_step <= step or now <= then:
+            return None
+        return (global_step - step) * self.tokens_per_step / (now - then)
+
+
+class WandbLogging(TrainerCallback):
+    """Every Trainer log line into the wandb run, keyed by the optimizer step (repeats after a resume are fine)."""
+
+    def __init__(self, run: Any):
+        self.run = run
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.run.define_metric("train/global_step")
+        self.run.define_metric("train/*", step_metric="train/global_step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        payload = {f"train/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        payload["train/global_step"] = state.global_step
+        self.run.log(payload)
+
+
+class QLoRATrainer(Trainer):
+    """The HF Trainer plus throughput and memory in each log, and a clean stop on a non-finite loss."""
+
+    def __init__(self, *args, tokens_per_step: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.throughput = ThroughputMeter(tokens_per_step)
+        self.add_callback(self.throughput)
+        self.non_finite_step: int | None = None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            speed = self.throughput.tokens_per_second(self.state.global_step)
+            if speed is not None:
+                logs["tokens_per_second"] = round(speed, 2)
+            if torch.cuda.is_available():
+                logs["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            if not math.isfinite(logs["loss"]) and self.non_finite_step is None:
+                self.non_finite_step = self.state.global_step
+        super().log(logs, start_time)
+        if self.non_finite_step is not None:
+            # Called before the Trainer decides to save this step: the broken weights never become a checkpoint.
+            self.control.should_save = False
+            self.control.should_training_stop = True
+
+
+def build_trainer(model, dataset, train: TrainConfig, out_dir: Path, seed: int, device: torch.device,
+                  callbacks: list[TrainerCallback] | None = None) -> QLoRATrainer:
+    return QLoRATrainer(
+        model=model,
+        args=training_arguments(train, out_dir, seed, device),
+        train_dataset=dataset,
+        data_collator=default_data_collator,
+        tokens_per_step=train.batch_size * train.grad_accum * train.seq_len,
+        callbacks=callbacks or [],
+    )
+
+
+def run_training(trainer: QLoRATrainer, resume_from: Path | None, out_dir: Path) -> None:
+    """Train to max_steps (from `resume_from` if given); a non-finite loss ends in a one-line error."""
+    if resume_from is not None:
+        log.info("train: resuming from %s", resume_from)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if trainer.non_finite_step is not None:
+        last = newest_complete_checkpoint(out_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+        raise UserError(
+            f"training stopped: the loss became non-finite at step {trainer.non_finite_step}; {kept}. Lower "
+            "train.learning_rate or check the data, then rerun with --no-resume (or resume from that checkpoint)"
+        )
