@@ -47,22 +47,37 @@ EXACT_MODES = frozenset({"zero", "block_diagonal", "readers"})
 LEGACY_MODES = frozenset({"block_diagonal", "block_triangular"})
 
 
+def _buffer(into: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Where a result is built: `into` when given, else fresh memory.
+
+    Not zeroed, because every block is written exactly once. Streaming callers pass one reused buffer: a fresh
+    allocation of a large tensor is page-faulted (and zeroed by the kernel) page by page every time, which
+    costs more than building the tensor.
+    """
+    if into is None:
+        return torch.empty(shape, dtype=dtype)
+    if tuple(into.shape) != tuple(shape) or into.dtype != dtype:
+        raise ValueError(f"buffer is {tuple(into.shape)} {into.dtype}, the result needs {tuple(shape)} {dtype}")
+    return into
+
+
 def widen_linear(
     base: torch.Tensor,
     new_shape: tuple[int, int],
     fill: BlockFill,
     donor_rows: torch.Tensor | None,
     dtype: torch.dtype = torch.float32,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[[M, 0], [A, B]] for one linear weight.
 
     donor_rows are the donor's rows out..out' over its first in' columns, shape (out' - out, in'); they may be
-    None when the fill takes nothing from the donor.
+    None when the fill takes nothing from the donor. `into` is an optional buffer of the result's shape and
+    dtype to build in (see _buffer below).
     """
     out, inp = base.shape
     new_out, new_in = new_shape
-    # empty, not zeros: every block is written exactly once below, which halves the memory traffic
-    widened = torch.empty(new_out, new_in, dtype=dtype)
+    widened = _buffer(into, new_shape, dtype)
     widened[:out, :inp] = base
     widened[:out, inp:] = 0
     if new_out == out:
@@ -76,7 +91,11 @@ def widen_linear(
 
 
 def widen_columns(
-    base: torch.Tensor, new_width: int, donor_columns: torch.Tensor | None, dtype: torch.dtype = torch.float32
+    base: torch.Tensor,
+    new_width: int,
+    donor_columns: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """embed_tokens / lm_head: same rows (the vocabulary), new columns from the donor or 0.
 
@@ -84,7 +103,7 @@ def widen_columns(
     columns may be the donor's, since they read dims that stay 0 and so leave the logits unchanged.
     """
     rows, width = base.shape
-    widened = torch.empty(rows, new_width, dtype=dtype)
+    widened = _buffer(into, (rows, new_width), dtype)
     widened[:, :width] = base
     widened[:, width:] = donor_columns if donor_columns is not None else 0
     return widened

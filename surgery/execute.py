@@ -8,6 +8,7 @@ sibling of the output folder, manifest.json last, and renamed into place only wh
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -63,6 +64,13 @@ class TensorBuilder:
     def __init__(self, plan: SurgeryPlan, base: CheckpointReader, donor: CheckpointReader | None):
         self.plan, self.base, self.donor = plan, base, donor
         self.bytes_read = 0
+        # One buffer the size of the largest output tensor, reused for every linear and vocabulary matrix: the
+        # writer has copied a tensor's bytes out before the next one is built.
+        largest = max(math.prod(t.shape) for t in plan.tensors)
+        self._scratch = torch.empty(largest, dtype=plan.torch_dtype)
+
+    def _into(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._scratch[: math.prod(shape)].view(shape)
 
     def _read_base(self, name: str) -> torch.Tensor:
         tensor = self.base.get(name)
@@ -91,9 +99,9 @@ class TensorBuilder:
         dtype = self.plan.torch_dtype
         if entry.rule == "linear":
             fill = blocks.FILL_MODES[self.plan.mode][entry.role]
-            return blocks.widen_linear(base, entry.shape, fill, donor, dtype)
+            return blocks.widen_linear(base, entry.shape, fill, donor, dtype, into=self._into(entry.shape))
         if entry.rule == "columns":
-            return blocks.widen_columns(base, entry.shape[1], donor, dtype)
+            return blocks.widen_columns(base, entry.shape[1], donor, dtype, into=self._into(entry.shape))
         if entry.rule == "norm":
             return blocks.widen_norm(base, entry.shape[0], donor, compensate=not self.plan.legacy)
         if entry.rule == "ones":
