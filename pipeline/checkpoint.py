@@ -38,6 +38,8 @@ _SAFETENSORS_DTYPES = {
     torch.bool: "BOOL",
 }
 
+_TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+
 
 def parse_size(size: str | int) -> int:
     """'5GB' -> 5e9 bytes (HF's convention: decimal units; 'GiB' is binary)."""
@@ -59,6 +61,7 @@ class CheckpointReader:
         self.folder = Path(folder)
         self._files = self._locate_shards()
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         self._tensor_file: dict[str, Path] = {}
         for file in sorted(set(self._files.values()) if self._files else []):
             handle = self._open(file)
@@ -125,21 +128,60 @@ class CheckpointReader:
                 return dtype
         raise UserError(f"{self.folder}: tensor {name} has dtype {code}, which frankenllama does not handle")
 
-    def _read(self, name: str, region: Sequence[tuple[int, int]] | None) -> torch.Tensor:
-        """Read through a fresh handle that is closed right after.
+    def _header(self, file: Path) -> tuple[int, dict]:
+        """(offset of the data section, the header's tensor entries) of one shard, parsed once."""
+        if file not in self._headers:
+            with open(file, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                self._headers[file] = (8 + length, json.loads(handle.read(length)))
+        return self._headers[file]
 
-        safe_open maps the whole shard; pages copied out of a long-lived mapping stay resident and count
-        towards the process's RSS, so reading a checkpoint through cached handles grows memory with the bytes
-        read. A handle per read unmaps them again, keeping peak memory at one tensor.
+    def _byte_range(self, name: str, region: Sequence[tuple[int, int]] | None) -> tuple[int, int, tuple] | None:
+        """(start, stop, shape) in the file when the wanted part is one contiguous run of bytes, else None.
+
+        A whole tensor is, and so is any block of leading-axis rows that spans every other axis in full
+        (a donor's new rows, when the target takes all its columns).
+        """
+        data_start, entries = self._header(self._tensor_file[name])
+        entry = entries[name]
+        shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
+        if region is None:
+            return data_start + begin, data_start + end, shape
+        if any(tuple(axis) != (0, size) for axis, size in zip(region[1:], shape[1:], strict=True)):
+            return None
+        first, last = region[0]
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        return (data_start + begin + first * row_bytes, data_start + begin + last * row_bytes,
+                (last - first, *shape[1:]))
+
+    def _read(self, name: str, region: Sequence[tuple[int, int]] | None) -> torch.Tensor:
+        """Read with plain sequential file reads where the bytes are contiguous, else through safe_open.
+
+        Not through a long-lived safe_open mapping: pages copied out of a mapping that stays open remain
+        resident and count towards the process's RSS, so memory would grow with every byte read; and on a cold
+        page cache, large sequential reads get the kernel's readahead where page faults do not.
         """
         if name not in self._tensor_file:
             raise UserError(f"{self.folder}: tensor {name} is missing; the checkpoint is incomplete")
         file = self._tensor_file[name]
         try:
-            with safe_open(str(file), framework="pt") as handle:
-                if region is None:
-                    return handle.get_tensor(name)
-                return handle.get_slice(name)[tuple(slice(start, stop) for start, stop in region)]
+            span = self._byte_range(name, region)
+            if span is None:
+                with safe_open(str(file), framework="pt") as handle:
+                    return handle.get_slice(name)[tuple(slice(start, stop) for start, stop in region)]
+            start, stop, shape = span
+            dtype = _TORCH_DTYPES[self._header(file)[1][name]["dtype"]]
+            tensor = torch.empty(shape, dtype=dtype)
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+            with open(file, "rb", buffering=0) as handle:
+                handle.seek(start)
+                filled = 0
+                while filled < stop - start:
+                    count = handle.readinto(view[filled:])
+                    if not count:
+                        raise OSError(f"file ends {stop - start - filled} bytes early")
+                    filled += count
+            return tensor
         except Exception as err:
             raise UserError(f"{file}: cannot read {name} ({err}); the file is truncated or corrupt") from None
 

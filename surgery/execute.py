@@ -7,6 +7,7 @@ sibling of the output folder, manifest.json last, and renamed into place only wh
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -110,25 +111,26 @@ class TensorBuilder:
 
 
 def write_config_files(plan: SurgeryPlan, folder: Path) -> None:
-    """config.json with the new widths, explicit head_dim and eps; generation config and tokenizer copied."""
-    from transformers import LlamaConfig
-
-    config = LlamaConfig.from_dict(plan.base.config)
-    for name, value in plan.target.as_dict().items():
-        setattr(config, name, value)
-    config.rms_norm_eps = plan.rms_norm_eps
-    config.tie_word_embeddings = plan.tie_word_embeddings
-    config.dtype = plan.dtype
-    config.architectures = ["LlamaForCausalLM"]
-    config.save_pretrained(folder)
+    """config.json: the base's, with the new widths, explicit head_dim, eps, tying and dtype; generation config
+    and tokenizer files copied from the base."""
+    config = dict(plan.base.config)
+    config.update(plan.target.as_dict())
+    config.pop("torch_dtype", None)  # transformers 5 reads `dtype`
+    config.update(
+        rms_norm_eps=plan.rms_norm_eps,
+        tie_word_embeddings=plan.tie_word_embeddings,
+        dtype=plan.dtype,
+        architectures=["LlamaForCausalLM"],
+    )
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in ("generation_config.json", *TOKENIZER_FILES):
         source = plan.base.folder / name
         if source.is_file():
             shutil.copy2(source, folder / name)
     if not (folder / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        GenerationConfig.from_model_config(config).save_pretrained(folder)
+        keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+        tokens = {key: config[key] for key in keys if config.get(key) is not None}
+        (folder / "generation_config.json").write_text(json.dumps({"_from_model_config": True, **tokens}, indent=2))
 
 
 def execute(plan: SurgeryPlan, out: Path, force: bool, manifest_fields: dict[str, Any]) -> dict[str, Any]:

@@ -259,9 +259,11 @@ def test_multi_shard_output_config_run_manifest_and_untouched_inputs(tiny_llama,
 
 def test_random_donor_needs_no_donor_and_is_reproducible(tiny_llama, tmp_path):
     base = tiny_llama("base", **BASE, num_attention_heads=4, num_key_value_heads=2)
+    (base / "generation_config.json").unlink()  # then one is derived from config.json
     flags = ("--hidden-size", "48", "--num-attention-heads", "6", "--num-key-value-heads", "3",
              "--intermediate-size", "96", "--seed", "5")
     first = tensors(run(base, "random", tmp_path / "a", *flags))
+    assert json.loads((tmp_path / "a" / "generation_config.json").read_text())["eos_token_id"] == 2
     second = tensors(run(base, "random", tmp_path / "b", *flags))
     assert all(torch.equal(first[n], second[n]) for n in first)
     q = first["model.layers.0.self_attn.q_proj.weight"]
