@@ -62,7 +62,8 @@ def compare_logits(base: list[torch.Tensor], other: list[torch.Tensor]) -> Prese
     max_delta, kl_sum, agree, positions = 0.0, 0.0, 0, 0
     for b, o in zip(base, other, strict=True):
         max_delta = max(max_delta, (b - o).abs().max().item())
-        log_p, log_q = F.log_softmax(b, dim=-1), F.log_softmax(o, dim=-1)
+        # float64: the KL of near-identical distributions is a difference of nearly equal sums
+        log_p, log_q = F.log_softmax(b.double(), dim=-1), F.log_softmax(o.double(), dim=-1)
         kl_sum += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
         agree += (b.argmax(-1) == o.argmax(-1)).sum().item()
         positions += b.shape[0]

@@ -37,7 +37,8 @@ def zeroed_smollm2(tmp_path_factory, smollm2_dir) -> Path:
 
 def test_probe_cli_passes_healthy_smollm2_and_flags_zeroed_writers(tmp_path, smollm2_dir, zeroed_smollm2):
     report = tmp_path / "probe.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # One intra-op thread: on busy shared cores two threads stall each other (see test_eval_stage.py).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "eval", "probe", "--model", str(zeroed_smollm2), "--base", str(smollm2_dir),
          "--prompts", "6", "--max-new-tokens", "16", "--json", str(report)],

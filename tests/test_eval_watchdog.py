@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
@@ -16,6 +17,16 @@ from pipeline.probing import load_probe_prompts
 from pipeline.watchdog import DegenerationWatchdog
 
 BREAK_AT_STEP = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """On busy shared cores torch's two-thread barriers stall: greedy generation measured 5x slower with 2
+    threads than with 1 while other jobs ran. Speed only; results do not depend on it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 class ZeroWritersAt(TrainerCallback):
