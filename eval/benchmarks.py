@@ -79,6 +79,19 @@ def mmlu_subjects() -> list[str]:
     return yaml.safe_load((TASKS_DIR / "mmlu_subjects.yaml").read_text())["subjects"]
 
 
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Reads lm-eval task YAMLs as data: `!function` tags stay strings."""
+
+
+_TaskYamlLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def hub_dataset(benchmark: Benchmark) -> tuple[str, str | None]:
+    """The hub dataset id and config of a benchmark, as its shipped task YAML names them."""
+    task = yaml.load((TASKS_DIR / benchmark.template).read_text(), Loader=_TaskYamlLoader)
+    return task["dataset_path"], task.get("dataset_name")
+
+
 @dataclass(frozen=True)
 class LeafTask:
     """One lm-eval task to run (MMLU has one per subject) and the wrapper YAML that defines it."""

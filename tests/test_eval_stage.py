@@ -351,3 +351,17 @@ def test_shipped_tasks_mirror_the_official_lm_eval_definitions():
     leaves, _ = plan_tasks(BenchmarksConfig(data_dir=FIXTURES_DIR))
     assert {leaf.group for leaf in leaves if leaf.benchmark == "mmlu"} == {"astronomy", "high_school_geography",
                                                                            "nutrition"}
+
+
+def test_fetch_benchmarks_offline_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fetch_benchmarks.py"
+    spec = importlib.util.spec_from_file_location("fetch_benchmarks", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unreachable" in err[0]
+    assert not (tmp_path / "data").exists()
