@@ -17,13 +17,15 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-from pipeline.config import TrainConfig
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:  # only for hints: benchmarks/train_bench.py runs this module without pydantic installed
+    from pipeline.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
