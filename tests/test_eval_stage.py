@@ -42,8 +42,8 @@ TRUTHFULQA_PREAMBLE = (
 
 @pytest.fixture(autouse=True, scope="module")
 def one_intra_op_thread():
-    """On busy shared cores torch's two-thread barriers stall: greedy generation measured 5x slower with 2
-    threads than with 1 while other jobs ran. Speed only; results do not depend on it."""
+    """On cores shared with other jobs, torch's two intra-op threads wait on each other at every barrier;
+    one thread avoids that. Speed only; results do not depend on it."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
