@@ -23,6 +23,7 @@ from safetensors import safe_open
 from pipeline.errors import UserError
 
 INDEX_NAME = "model.safetensors.index.json"
+WRITE_CHUNK = 64 * 2**20
 SINGLE_NAME = "model.safetensors"
 
 _SAFETENSORS_DTYPES = {
@@ -256,9 +257,16 @@ class ShardedWriter:
     def _open_shard(self, index: int) -> None:
         if self._file is not None:
             self._file.close()
-        self._file = open(self.folder / self.shard_names[index], "wb")  # noqa: SIM115 (closed in write/close)
-        self._file.write(_header_bytes(self.shards[index], {"format": "pt"}))
+        self._file = open(self.folder / self.shard_names[index], "wb", buffering=0)  # noqa: SIM115 (closed in write/close)
+        self._write_all(memoryview(_header_bytes(self.shards[index], {"format": "pt"})))
         self._current_shard = index
+
+    def _write_all(self, data: memoryview) -> None:
+        """Unbuffered writes of at most 64 MiB: no extra copy through a Python buffer (the buffered path was
+        about 2x slower for multi-GB shards); a raw write may take fewer bytes than offered, hence the loop."""
+        done = 0
+        while done < len(data):
+            done += self._file.write(data[done : done + WRITE_CHUNK])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor of the plan; its name, dtype and shape must match the plan exactly."""
@@ -270,9 +278,9 @@ class ShardedWriter:
             )
         if self._shard_of[name] != self._current_shard:
             self._open_shard(self._shard_of[name])
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
-        self.bytes_written += data.nbytes
+        data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._write_all(data)
+        self.bytes_written += len(data)
         self._next += 1
 
     def close(self) -> None:

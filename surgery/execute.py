@@ -7,11 +7,13 @@ sibling of the output folder, manifest.json last, and renamed into place only wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,26 @@ def execute(plan: SurgeryPlan, out: Path, force: bool, manifest_fields: dict[str
     """Write the widened model to `out` atomically; returns what was read and written, and how long it took."""
     check_free_disk(plan, out)
     started = time.monotonic()
+    with single_threaded_torch():
+        stats = _stream(plan, out, force, manifest_fields, started)
+    log.info("wrote %s in %.1f s (read %.2f GB, wrote %.2f GB)", out, stats["seconds"],
+             stats["bytes_read"] / 1e9, stats["bytes_written"] / 1e9)
+    return stats
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Block copies are memory-bound: a second intra-op thread adds nothing, and on a busy machine waiting for
+    it made each copy about 4x slower (measured on 2 shared cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _stream(plan: SurgeryPlan, out: Path, force: bool, manifest_fields: dict[str, Any], started: float) -> dict:
     base_reader = CheckpointReader(plan.base.folder)
     donor_reader = CheckpointReader(plan.donor.folder) if plan.donor is not None else None
     builder = TensorBuilder(plan, base_reader, donor_reader)
@@ -154,6 +176,4 @@ def execute(plan: SurgeryPlan, out: Path, force: bool, manifest_fields: dict[str
             "seconds": round(time.monotonic() - started, 3),
         }
         write_manifest(tmp, "surgery", plan=plan.summary(), io=stats, **manifest_fields)
-    log.info("wrote %s in %.1f s (read %.2f GB, wrote %.2f GB)", out, stats["seconds"],
-             stats["bytes_read"] / 1e9, stats["bytes_written"] / 1e9)
     return stats
