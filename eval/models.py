@@ -42,10 +42,14 @@ def default_model_refs(config: RunConfig) -> list[str]:
     surgery_dir = config.stage_dir("surgery")
     train_dir = config.stage_dir("train")
     for folder, stage_folder in ((surgery_dir, surgery_dir), (train_dir / "merged", train_dir)):
-        if read_manifest(stage_folder) is not None and (folder / "config.json").is_file():
-            refs.append(str(folder))
-        elif stage_folder.exists():
+        if not stage_folder.exists():
+            continue
+        if read_manifest(stage_folder) is None:
             log.warning("not evaluating %s: its stage has no complete manifest (it did not finish)", folder)
+        elif not (folder / "config.json").is_file():
+            log.warning("not evaluating %s: the stage finished but wrote no model folder there", folder)
+        else:
+            refs.append(str(folder))
     return refs
 
 

@@ -365,3 +365,20 @@ def test_fetch_benchmarks_offline_is_one_line_and_writes_nothing(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unreachable" in err[0]
     assert not (tmp_path / "data").exists()
+
+
+def test_default_models_are_the_base_and_the_completed_stage_outputs(tmp_path, tiny_llama, caplog):
+    from eval.models import models_to_evaluate
+    from pipeline.runs import write_manifest
+
+    base = tiny_llama("base")
+    run_dir = tmp_path / "run"
+    tiny_llama("run/surgery")
+    write_manifest(run_dir / "surgery", "surgery")
+    tiny_llama("run/train/merged")  # a train folder without a manifest: a crashed run, not a model to trust
+    config = load_config(None, [f"run_dir={run_dir}", f"surgery.base={base}"])
+    entries = models_to_evaluate(config)
+    assert [(e.label, e.path) for e in entries] == [("base", base), ("surgery", run_dir / "surgery")]
+    assert "no complete manifest" in caplog.text
+    write_manifest(run_dir / "train", "train")
+    assert [e.label for e in models_to_evaluate(config)] == ["base", "surgery", "trained"]
