@@ -104,6 +104,9 @@ def test_tiny_model_trains_its_loss_falls_and_the_stage_exports(finished_run, ti
     checkpoints = sorted(p.name for p in train_dir.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-16", "checkpoint-20", "checkpoint-24"]  # save_total_limit 3
 
+    watchdog = [json.loads(line) for line in (train_dir / "watchdog.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in watchdog] == [0]  # probed as training started (every 50 steps after)
+
     run_id = (train_dir / "wandb_run_id").read_text().strip()
     assert manifest["wandb_run_id"] == run_id
     run_folders = list((train_dir / "wandb").glob(f"offline-run-*-{run_id}"))

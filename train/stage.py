@@ -107,6 +107,17 @@ def publish_heldout(source: Path, out_dir: Path) -> Path:
     return target
 
 
+def start_watchdog(train, model_dir: Path, out_dir: Path):
+    """pipeline.watchdog's greedy-sample check as a Trainer callback, when `train.watchdog.enabled`."""
+    if not train.watchdog.enabled:
+        return None
+    from transformers import AutoTokenizer
+
+    from pipeline.watchdog import DegenerationWatchdog
+
+    return DegenerationWatchdog.from_config(train.watchdog, AutoTokenizer.from_pretrained(model_dir), out_dir)
+
+
 def last_loss(log_history: list[dict[str, Any]]) -> float | None:
     losses = [entry["loss"] for entry in log_history if "loss" in entry]
     return losses[-1] if losses else None
@@ -156,10 +167,17 @@ def run_train(config: RunConfig, resume: bool = True) -> Path:
         model = load_for_training(model_dir, train, device)
         remove_incomplete_checkpoints(out_dir)
         resume_from = newest_complete_checkpoint(out_dir) if resume else None
-        trainer = build_trainer(
-            model, corpus.dataset(), train, out_dir, config.seed, device, [WandbLogging(run)] if run else []
-        )
+        callbacks = [WandbLogging(run)] if run else []
+        watchdog = start_watchdog(train, model_dir, out_dir)
+        callbacks += [watchdog] if watchdog else []
+        trainer = build_trainer(model, corpus.dataset(), train, out_dir, config.seed, device, callbacks)
         run_training(trainer, resume_from, out_dir)
+        if watchdog is not None and watchdog.tripped is not None:
+            raise UserError(
+                f"training stopped at step {trainer.state.global_step}: the degeneration watchdog judged the greedy "
+                f"samples DEGENERATE ({'; '.join(watchdog.tripped.reasons)}); samples in {out_dir / 'watchdog.jsonl'},"
+                " the checkpoint it saved is kept for inspection; fix the cause and rerun with --no-resume"
+            )
         history = trainer.state.log_history
         write_json_atomic(out_dir / LOG_HISTORY, history)
         save_adapter(model, out_dir / "adapter")
