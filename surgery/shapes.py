@@ -203,6 +203,11 @@ def target_widths(base: ModelShape, donor: ModelShape | None, requested: TargetW
             f"new kv heads, so keep num_attention_heads / num_key_value_heads at "
             f"{base.widths.heads_per_kv_group:g}"
         )
+    if target.hidden_size % target.num_attention_heads:
+        raise UserError(
+            f"target hidden_size {target.hidden_size} is not a multiple of its {target.num_attention_heads} heads; "
+            "transformers refuses to load such a Llama config, choose a hidden size divisible by the head count"
+        )
     if all(getattr(target, name) == getattr(base.widths, name) for name in WIDTH_FLAGS):
         raise UserError("the target widths equal the base's, so there is nothing to widen; set wider target widths")
     return target

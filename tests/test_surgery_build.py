@@ -272,3 +272,20 @@ def test_random_donor_needs_no_donor_and_is_reproducible(tiny_llama, tmp_path):
     assert torch.equal(first["model.layers.0.input_layernorm.weight"][32:], torch.ones(16))
     expected, got = logits(base, IDS), logits(tmp_path / "a", IDS)
     assert torch.allclose(got, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+
+
+def test_target_narrower_than_the_donor_takes_its_first_rows_and_columns(tiny_llama, tmp_path):
+    base, donor = make_pair(tiny_llama, gqa=True)
+    out = run(base, donor, tmp_path / "out", "--mode", "block_triangular", "--hidden-size", "42",
+              "--intermediate-size", "80", "--layer-map", "index")
+    got, donor_t = tensors(out), tensors(donor)
+    up = got["model.layers.1.mlp.up_proj.weight"]
+    assert up.shape == (80, 42)
+    assert torch.equal(up[64:, :], donor_t["model.layers.1.mlp.up_proj.weight"][64:80, :42])
+    down = got["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(down[32:, :], donor_t["model.layers.1.mlp.down_proj.weight"][32:42, :80])
+    assert torch.equal(got["lm_head.weight"][:, 32:], donor_t["lm_head.weight"][:, 32:42])
+    exact = run(base, donor, tmp_path / "exact", "--mode", "readers", "--hidden-size", "42", "--intermediate-size",
+                "80")
+    expected = logits(base, IDS)
+    assert torch.allclose(logits(exact, IDS), expected, rtol=0, atol=1e-4 * expected.abs().max().item())

@@ -129,6 +129,8 @@ def test_broken_base_checkpoints_are_refused(base, tmp_path, capsys, damage, fra
           "--intermediate-size", "64"], "nothing to widen"),
         (["--hidden-size", "48", "--num-attention-heads", "6", "--num-key-value-heads", "2",
           "--intermediate-size", "96"], "changes the heads per kv group from the base's 2"),
+        (["--hidden-size", "40", "--num-attention-heads", "6", "--num-key-value-heads", "3",
+          "--intermediate-size", "96"], "not a multiple of its 6 heads"),
         ([*RANDOM_WIDTHS, "--mode", "readers", "--legacy"], "--legacy reproduces the 2023 script"),
         ([*RANDOM_WIDTHS, "--set", "surgery.mdoe=zero"], "unknown key 'surgery.mdoe'"),
     ],
