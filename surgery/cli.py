@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, get_args
@@ -186,6 +187,11 @@ def verify_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "verify":
-        return run_cli(lambda: verify_main(argv[1:]))
-    return run_cli(lambda: build_main(argv))
+    try:
+        if argv and argv[0] == "verify":
+            return run_cli(lambda: verify_main(argv[1:]))
+        return run_cli(lambda: build_main(argv))
+    except BrokenPipeError:
+        # `--dry-run | head` closed the pipe: nothing went wrong, and the plan's reader has what it wanted.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (must outlive the interpreter's final flush)
+        return 0

@@ -222,3 +222,13 @@ def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(tiny_llama, tmp_p
     assert not tmp.exists(), "the rerun removes what the killed run left"
     assert len(CheckpointReader(out).names) == 2 + 2 * 9 + 1
     shutil.rmtree(tmp_path / "run")
+
+
+def test_damaged_donor_values_stop_the_run_mid_write_and_leave_nothing(tiny_llama, base, tmp_path, capsys):
+    donor = tiny_llama("donor", **DONOR)
+    tensors = load_file(single_file(donor))
+    tensors["model.layers.1.mlp.gate_proj.weight"][70, 3] = float("nan")  # a new row the readers mode grafts
+    save_file(tensors, single_file(donor), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    refused(capsys, ["--base", str(base), "--donor", str(donor), "--out", str(out)],
+            "donor tensor model.layers.1.mlp.gate_proj.weight has NaN or inf values", out)
