@@ -85,6 +85,7 @@ def run_probe_cli(args) -> int:
             "samples": [s.to_dict() for s in result.samples],
             "base_samples": [s.to_dict() for s in base_result.samples] if base_result else None,
         }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.json, payload)
     print(f"verdict: {result.judgement.verdict}", flush=True)
     return EXIT_DEGENERATE if result.judgement.verdict == "DEGENERATE" else 0
