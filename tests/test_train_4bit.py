@@ -59,3 +59,34 @@ def test_nf4_smollm2_keeps_q_proj_gradients_after_generate_and_trains(smollm2_di
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert q_proj_lora(model, 0, "B").abs().sum() > 0  # B starts at zero: it moved
     assert not torch.equal(q_proj_lora(model, 0, "A"), a_before)
+
+
+def test_bf16_compute_keeps_an_fp32_residual_stream_so_small_lora_deltas_survive(tiny_llama):
+    """The CUDA layout (NF4, bf16 compute, bf16 tables) reproduced on CPU: early LoRA deltas must not round away."""
+    from transformers import AutoModelForCausalLM
+
+    from train.model import nf4_config, prepare_for_training
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama("tiny"), dtype=torch.bfloat16, device_map={"": "cpu"},
+                                                quantization_config=nf4_config(torch.bfloat16))
+    model = prepare_for_training(base, LoraSettings(r=4, alpha=4, dropout=0.0), gradient_checkpointing=True)
+    dtypes = {name.split(".")[-2]: p.dtype for name, p in model.named_parameters() if "lora" not in name}
+    assert dtypes["embed_tokens"] == dtypes["lm_head"] == torch.bfloat16  # frozen tables not upcast
+    assert dtypes["input_layernorm"] == dtypes["norm"] == torch.float32
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0.0, 1e-5)  # an adapter a few steps in: its output ~1e-4 of the base's
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        with model.disable_adapter():
+            plain = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert adapted.dtype == torch.float32 and (adapted - plain).abs().max() > 0  # a bf16 stream rounds it to 0
+    with torch.no_grad():  # outside autocast, as the watchdog generates
+        assert model.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (1, 8)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert q_proj_lora(model, 0, "A").grad.abs().sum() > 0

@@ -136,6 +136,7 @@ def test_unreadable_data_names_the_file(tmp_path, smollm2_dir, name, content, fr
         prepare_corpus(settings, 16, smollm2_dir, tmp_path / "data")
 
 
-def test_missing_data_source_names_it(tmp_path):
-    with pytest.raises(UserError, match=r"data source '\./nowhere\.jsonl' not found"):
-        resolve_source("./nowhere.jsonl")
+@pytest.mark.parametrize("source", ["./nowhere.jsonl", "data/nowhere.jsonl.gz", "/abs/none/*.jsonl"])
+def test_missing_local_data_source_names_it_without_asking_the_hub(source):
+    with pytest.raises(UserError, match=f"data source {re.escape(repr(source))} not found"):
+        resolve_source(source)

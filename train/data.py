@@ -101,7 +101,10 @@ def resolve_source(source: str) -> DataSource:
     if local is not None:
         return DataSource(source, tuple(str(p) for p in local), on_hub=False)
     match = HUB_SOURCE.match(source)
-    if match and not source.startswith((".", "/", "~")):
+    # `dir/file.jsonl` is a missing local file, not a hub repo named like one; `org/name/file.jsonl` is on the hub.
+    looks_local = source.startswith((".", "/", "~")) or (match and not match["pattern"] and
+                                                         source.endswith(JSONL_SUFFIXES))
+    if match and not looks_local:
         return DataSource(source, _hub_files(match["repo"], match["pattern"]), on_hub=True)
     raise UserError(
         f"data source {source!r} not found: give a local jsonl/jsonl.gz file, folder or glob, a hub dataset id "

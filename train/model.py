@@ -85,12 +85,17 @@ def keep_residual_stream_fp32(model: torch.nn.Module) -> None:
     At the start of training the delta is about 1e-4 of the base output: in a bf16 stream (8 mantissa bits)
     it is rounded away and the loss falls several times slower than with peft's fp32 upcast. Casting the
     embedding output to fp32 and the norm weights (a few MB) to fp32 keeps the stream fp32 end to end; the
-    matmuls still run in bf16 under the Trainer's autocast.
+    matmuls still run in bf16 under the Trainer's autocast. Only for 4-bit bases: a Linear4bit casts its input
+    to the compute dtype itself, a plain half-precision nn.Linear would not. lm_head gets its input cast to its
+    own dtype, so generation outside autocast (the watchdog's probes) works too.
     """
     for name, param in model.named_parameters():
         if name.endswith("norm.weight") and param.dtype != torch.float32:
             param.data = param.data.float()
     model.get_input_embeddings().register_forward_hook(lambda _module, _inputs, output: output.float())
+    model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, inputs: (inputs[0].to(module.weight.dtype), *inputs[1:])
+    )
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -109,8 +114,8 @@ def prepare_for_training(model, lora: LoraSettings, gradient_checkpointing: bool
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     for param in model.parameters():
         param.requires_grad_(False)
-    keep_cpu_4bit_weights_trainable(model)
-    if model.get_input_embeddings().weight.dtype != torch.float32:
+    quantized_layers = keep_cpu_4bit_weights_trainable(model)
+    if quantized_layers and model.get_input_embeddings().weight.dtype != torch.float32:
         keep_residual_stream_fp32(model)
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
