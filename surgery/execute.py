@@ -8,9 +8,11 @@ sibling of the output folder, manifest.json last, and renamed into place only wh
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -42,6 +44,8 @@ TOKENIZER_FILES = (
 )
 # Room for config, tokenizer and index files on top of the tensor bytes.
 DISK_MARGIN_BYTES = 64 * 2**20
+# write() failures that mean "no room": a full disk, a file-size limit (ulimit -f), a quota.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 
 def free_disk_bytes(out: Path) -> int:
@@ -139,8 +143,19 @@ def execute(plan: SurgeryPlan, out: Path, force: bool, manifest_fields: dict[str
     """Write the widened model to `out` atomically; returns what was read and written, and how long it took."""
     check_free_disk(plan, out)
     started = time.monotonic()
-    with single_threaded_torch():
-        stats = _stream(plan, out, force, manifest_fields, started)
+    try:
+        with single_threaded_torch():
+            stats = _stream(plan, out, force, manifest_fields, started)
+    except OSError as err:
+        # The free-space check passed, but the disk filled up while writing (another writer, a quota, a file-size
+        # limit): the temporary folder is already gone, so this is the user's problem to fix, not a crash.
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise UserError(
+            f"ran out of disk space writing {out} ({os.strerror(err.errno)}; the plan writes "
+            f"{(plan.bytes_to_write + DISK_MARGIN_BYTES) / 1e9:.2f} GB); free some space on that disk (or lift the "
+            "quota or file-size limit) or write elsewhere (--out, or run_dir in a config), then rerun; nothing was kept"
+        ) from None
     log.info("wrote %s in %.1f s (read %.2f GB, wrote %.2f GB)", out, stats["seconds"],
              stats["bytes_read"] / 1e9, stats["bytes_written"] / 1e9)
     return stats
