@@ -83,7 +83,12 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed stage whose parent (the orchestrator) was killed with it is re-parented to init; an init that does
+    # not reap (a container's) leaves it a zombie forever, which still answers kill(0) but writes nothing.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def remove_stale_temporaries(final: Path) -> None:
