@@ -33,10 +33,55 @@ def stage_available(stage: str) -> bool:
     return (Path(__file__).resolve().parents[1] / stage / "__main__.py").is_file()
 
 
+# Each stage's main outputs, relative to its folder ("." is the folder itself: the surgery output is a model).
+STAGE_OUTPUTS: dict[str, dict[str, str]] = {
+    "surgery": {"widened model": "."},
+    "train": {"merged model": "merged", "adapter": "adapter", "held-out text": "heldout.jsonl",
+              "loss log": "log_history.json", "wandb run": "wandb"},
+    "eval": {"report": "report.md", "report data": "report.json", "samples": "samples.jsonl",
+             "loss plot": "training_loss.png", "benchmark plot": "benchmarks.png", "wandb run": "wandb"},
+}
+
+
+def output_lines(config: RunConfig, stage: str, state: str) -> list[str]:
+    """Where a stage's outputs are: the finished files, or what an interrupted run left to resume from."""
+    folder = config.stage_dir(stage)
+    lines = []
+    if state in ("complete", "stale"):
+        for label, name in STAGE_OUTPUTS[stage].items():
+            path = folder / name
+            if path.exists():
+                lines.append(f"{label}: {path}")
+    if state == "partial" and stage == "train":
+        names = [p.name.removeprefix("checkpoint-") for p in folder.glob("checkpoint-*")]
+        steps = sorted(int(name) for name in names if name.isdigit())
+        if steps:
+            lines.append(f"checkpoints: {', '.join(f'checkpoint-{n}' for n in steps)} (a rerun resumes from the "
+                         "newest complete one)")
+    if state == "partial":
+        for leftover in sorted(folder.parent.glob(f"{folder.name}{TMP_MARK}*")):
+            lines.append(f"unfinished: {leftover} (being written, or left by a killed run: the next run removes it "
+                         "and redoes this stage)")
+    return lines
+
+
 def print_status(config: RunConfig) -> None:
     for stage in STAGE_ORDER:
         state = stage_state(config, stage) if stage_available(stage) else "not built"
         print(f"{stage:8s} {state:9s} {config.stage_dir(stage)}")
+        for line in output_lines(config, stage, state):
+            print(f"{'':18s} {line}")
+
+
+def print_report(config: RunConfig) -> None:
+    """The end of a run: the eval report as written, then where its files are."""
+    folder = config.stage_dir("eval")
+    print(f"\n{(folder / 'report.md').read_text().rstrip()}\n")
+    for line in output_lines(config, "eval", "complete"):
+        print(f"[frankenllama] {line}")
+    offline = sorted(config.run_dir.glob("*/wandb/offline-run-*"))
+    if offline:
+        print(f"[frankenllama] wandb runs kept offline; upload them with: wandb sync {' '.join(map(str, offline))}")
 
 
 def run_pipeline(
@@ -68,4 +113,6 @@ def run_pipeline(
         if not (config.stage_dir(stage) / MANIFEST).is_file():
             raise UserError(f"{stage} exited 0 but wrote no {MANIFEST}; this is a bug, please report it")
         rerun_rest = True
+    if stage_available("eval") and stage_state(config, "eval") == "complete":
+        print_report(config)
     return 0
