@@ -28,6 +28,7 @@ from eval.preservation import (
 )
 from eval.probe import EXIT_DEGENERATE, ProbeResult, probe_model, summary_lines
 from eval.report import write_report
+from eval.tracking import log_report, start_eval_run
 from pipeline.config import RunConfig
 from pipeline.runs import atomic_output_dir, stage_fingerprint, write_manifest
 
@@ -165,22 +166,33 @@ def run_eval(config: RunConfig, force: bool = False) -> int:
     log.info("evaluating %s on %s", ", ".join(f"{e.label} ({e.ref})" for e in entries), device)
 
     with atomic_output_dir(config.stage_dir("eval"), force=force) as out:
-        benchmark_run = prepare_benchmarks(config, plan, out)
-        results: list[ModelResults] = []
-        base_logits = None
-        for entry in entries:
-            base = results[0] if results else None
-            model_results, logits = evaluate_model(
-                entry, config, device, base, base_logits, heldout, preservation_ids, benchmark_run
-            )
-            base_logits = base_logits if base else logits
-            results.append(model_results)
-        degenerate = [r.entry.label for r in results if r.probe.judgement.verdict == "DEGENERATE"]
-        exit_code = EXIT_DEGENERATE if degenerate and config.eval.probe.fail_on_degenerate else 0
-        report = write_report(out, config, results, benchmark_run, _read_log_history(config), exit_code)
+        # Started before any model loads, so a wandb that cannot start fails the stage before the work.
+        run = start_eval_run(config, out)
+        exit_code = 1
+        try:
+            benchmark_run = prepare_benchmarks(config, plan, out)
+            results: list[ModelResults] = []
+            base_logits = None
+            for entry in entries:
+                base = results[0] if results else None
+                model_results, logits = evaluate_model(
+                    entry, config, device, base, base_logits, heldout, preservation_ids, benchmark_run
+                )
+                base_logits = base_logits if base else logits
+                results.append(model_results)
+            degenerate = [r.entry.label for r in results if r.probe.judgement.verdict == "DEGENERATE"]
+            exit_code = EXIT_DEGENERATE if degenerate and config.eval.probe.fail_on_degenerate else 0
+            report = write_report(out, config, results, benchmark_run, _read_log_history(config), exit_code)
+            if run is not None:
+                samples = {r.entry.label: [s.to_dict() for s in r.probe.samples] for r in results}
+                log_report(run, report, samples, out)
+        finally:
+            if run is not None:
+                run.finish(exit_code=exit_code)
         if exit_code == 0:
             write_manifest(out, "eval", fingerprint=stage_fingerprint(config, "eval"),
-                           verdicts=report["verdicts"], models={r.entry.label: r.entry.ref for r in results})
+                           verdicts=report["verdicts"], models={r.entry.label: r.entry.ref for r in results},
+                           wandb_run_id=run.id if run is not None else None)
     final = config.stage_dir("eval")
     for label in degenerate:
         print(f"eval: {label} is DEGENERATE; see {final / 'report.md'}")

@@ -179,6 +179,9 @@ class EvalConfig(StrictModel):
     preservation: PreservationConfig = Field(default_factory=PreservationConfig)
     perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
     benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig)
+    # None: the train section's wandb settings (project, entity, group, mode), so the eval results land in the
+    # train run's group as their own `<group>-eval` run.
+    wandb: WandbConfig | None = None
 
 
 class RunConfig(StrictModel):
