@@ -110,6 +110,27 @@ def choose_dtype(setting: str, folder: Path, device: torch.device) -> torch.dtyp
     return torch.float32 if needed < free_memory_bytes(device) else "auto"
 
 
+def placement(folder: Path, dtype: torch.dtype | str, device: torch.device) -> tuple[str, dict | None]:
+    """(device_map, max_memory) for `from_pretrained`: the whole model on `device` when its weights fit with room
+    for activations; on a GPU too small for them (a 22b in bf16 is 44 GB, a 24 GB card holds about 18), accelerate
+    keeps the first layers on the GPU and the rest in CPU RAM. Slower, since those weights cross PCIe at every
+    forward, but the scores and logits stay those of the unquantized model."""
+    if device.type != "cuda":
+        return str(device), None
+    if dtype == "auto":
+        weight_bytes = CheckpointReader(folder).total_bytes()
+    else:
+        weight_bytes = parameter_count(folder) * torch.empty((), dtype=dtype).element_size()
+    free = free_memory_bytes(device)
+    if weight_bytes * MEMORY_MARGIN < free:
+        return str(device), None
+    gpu_budget = int(free / MEMORY_MARGIN)
+    log.warning("%s: %.1f GB of weights do not fit in %.1f GB of free GPU memory; keeping %.1f GB on the GPU and "
+                "the rest in CPU RAM (slower)", folder, weight_bytes / 1e9, free / 1e9, gpu_budget / 1e9)
+    cpu_budget = int(free_memory_bytes(torch.device("cpu")) * 0.9)
+    return "auto", {device.index or 0: gpu_budget, "cpu": cpu_budget}
+
+
 def load_tokenizer(folder: Path, fallback: Path | None = None):
     """The model's own tokenizer; a widened model without tokenizer files shares its base's vocabulary."""
     from transformers import AutoTokenizer
@@ -128,9 +149,11 @@ def load_model(entry: ModelEntry, device: torch.device, dtype_setting: str):
     from transformers import AutoModelForCausalLM
 
     dtype = choose_dtype(dtype_setting, entry.path, device)
+    device_map, max_memory = placement(entry.path, dtype, device)
     log.info("loading %s (%s) on %s in %s", entry.label, entry.path, device, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=dtype, device_map=str(device))
+        model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=dtype, device_map=device_map,
+                                                     max_memory=max_memory)
     except OSError as err:
         raise UserError(f"cannot load {entry.path} as a causal LM ({str(err).splitlines()[0]})") from None
     return model.eval()
