@@ -73,12 +73,16 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def resume_settings(config: RunConfig, model_dir: Path) -> dict[str, Any]:
-    """What checkpoints depend on: CHECKPOINT_SETTINGS of the train section, the seed and the base model."""
+    """What checkpoints depend on: CHECKPOINT_SETTINGS of the train section, the seed, the base model, and the
+    data slice's key (which also changes when a local source file or the tokenizer changes)."""
+    from train.data import slice_key
+
     base = read_manifest(model_dir) or {}
     return {
         "seed": config.seed,
         "model": str(model_dir.resolve()),
         "model_fingerprint": base.get("fingerprint"),
+        "data_slice": slice_key(config.train.data, config.train.seq_len, model_dir),
         "train": config.train.model_dump(mode="json", include=CHECKPOINT_SETTINGS),
     }
 
@@ -134,12 +138,6 @@ def run_train(config: RunConfig, resume: bool = True) -> Path:
     if resume and manifest is not None and manifest.get("fingerprint") == fingerprint:
         log.info("train: already complete for this config (%s); pass --no-resume to train again", out_dir)
         return out_dir
-    if not resume and out_dir.exists():
-        log.info("train: --no-resume, deleting the previous checkpoints and outputs in %s", out_dir)
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_resume_settings(out_dir, resume_settings(config, model_dir))
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the folder is a run in progress
 
     # Heavy imports only now: bad input above fails in a second, and the data/model modules need torch & co.
     import torch
@@ -156,7 +154,14 @@ def run_train(config: RunConfig, resume: bool = True) -> Path:
         run_training,
     )
 
+    # The data first: unreadable sources or a slice larger than them fail before this stage's folder is touched.
     corpus = prepare_corpus(train.data, train.seq_len, model_dir, config.run_dir / "data")
+    if not resume and out_dir.exists():
+        log.info("train: --no-resume, deleting the previous checkpoints and outputs in %s", out_dir)
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_resume_settings(out_dir, resume_settings(config, model_dir))
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the folder is a run in progress
     heldout = publish_heldout(corpus.heldout_path, out_dir)
     device = training_device()
     run = start_run(train.wandb, config.run_dir, out_dir, "train", config.model_dump(mode="json"))
