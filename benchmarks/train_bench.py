@@ -222,10 +222,15 @@ def run_cell_subprocess(recipe: str, seq_len: int, args: argparse.Namespace) -> 
     if not args.cpu:
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     started = time.perf_counter()
-    process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.cell_timeout)
-    lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)]
+    try:
+        process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.cell_timeout)
+    except subprocess.TimeoutExpired:
+        process = None
+    lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)] if process else []
     if lines:
         result = json.loads(lines[-1][len(RESULT):])
+    elif process is None:
+        result = {"recipe": recipe, "seq": seq_len, "status": f"timed out after {args.cell_timeout} s"}
     else:
         tail = (process.stderr or process.stdout).strip().splitlines()[-1:] or ["no output"]
         status = "out of memory" if "out of memory" in process.stderr.lower() else f"crashed: {tail[0][:120]}"
@@ -271,7 +276,8 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, default=23.0, help="GPU memory cap per process (a 24 GB card)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
-    parser.add_argument("--cell-timeout", type=int, default=1200, help="seconds per (recipe, seq) subprocess")
+    parser.add_argument("--cell-timeout", type=int, default=300,
+                        help="seconds per (recipe, seq) subprocess (4 cells must fit a 10-minute device call)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", nargs=2, metavar=("RECIPE", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
