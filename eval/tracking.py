@@ -30,8 +30,10 @@ def eval_wandb_settings(config: RunConfig) -> WandbConfig:
 
 
 def start_eval_run(config: RunConfig, folder: Path) -> Any | None:
-    """The eval stage's wandb run (files and run id in `folder`), or None when tracking is disabled."""
-    return start_run(eval_wandb_settings(config), config.run_dir, folder, "eval", config.model_dump(mode="json"))
+    """The eval stage's wandb run (files and run id in `folder`, the report folder's temporary name), or None
+    when tracking is disabled."""
+    return start_run(eval_wandb_settings(config), config.run_dir, folder, "eval", config.model_dump(mode="json"),
+                     folder_when_done=config.stage_dir("eval"))
 
 
 def result_rows(report: dict[str, Any]) -> list[list[Any]]:

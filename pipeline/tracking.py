@@ -101,9 +101,15 @@ def persistent_run_id(stage_folder: Path) -> str:
 
 
 def start_run(
-    settings: WandbConfig, run_dir: Path, stage_folder: Path, stage: str, config: dict[str, Any]
+    settings: WandbConfig, run_dir: Path, stage_folder: Path, stage: str, config: dict[str, Any],
+    folder_when_done: Path | None = None,
 ) -> Any | None:
-    """Start (or resume) this stage's wandb run; None when tracking is disabled."""
+    """Start (or resume) this stage's wandb run; None when tracking is disabled.
+
+    `folder_when_done`: where `stage_folder` will be once the stage completes, for a stage that builds its folder
+    under a temporary name (eval); the log line names that path, and wandb's own console lines, which would name
+    the temporary one, are silenced.
+    """
     mode, reason = choose_mode(settings)
     if mode == "disabled":
         log.info("wandb: disabled (%s)", reason)
@@ -113,9 +119,8 @@ def start_run(
     run_id = persistent_run_id(stage_folder)
     group = settings.group or Path(run_dir).resolve().name
     if mode == "offline":
-        log.info(
-            "wandb: offline (%s); upload later with: wandb sync %s", reason, stage_folder / "wandb" / "offline-run-*"
-        )
+        log.info("wandb: offline (%s); upload later with: wandb sync %s", reason,
+                 (folder_when_done or stage_folder) / "wandb" / "offline-run-*")
     else:
         log.info("wandb: online, project %s, group %s, run id %s", settings.project, group, run_id)
     try:
@@ -130,6 +135,7 @@ def start_run(
             dir=str(stage_folder),
             mode=mode,
             config=redact_secrets(config),
+            settings=wandb.Settings(silent=True) if folder_when_done is not None else None,
         )
     except Exception as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
