@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipeline.config import RunConfig, load_config
@@ -106,12 +107,14 @@ def run_pipeline(
             args += ["--set", assignment]
         if fresh or state == "partial":
             args.append("--force" if stage != "train" else "--no-resume" if fresh else "--resume")
+        started = time.monotonic()
         code = subprocess.call(args)
         if code != 0:
             print(f"[frankenllama] {stage} failed (exit {code}); fix the cause and rerun: completed stages are kept")
             return code
         if not (config.stage_dir(stage) / MANIFEST).is_file():
             raise UserError(f"{stage} exited 0 but wrote no {MANIFEST}; this is a bug, please report it")
+        print(f"[frankenllama] {stage}: complete in {time.monotonic() - started:.0f} s", flush=True)
         rerun_rest = True
     if stage_available("eval") and stage_state(config, "eval") == "complete":
         print_report(config)

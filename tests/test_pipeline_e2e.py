@@ -306,7 +306,9 @@ def test_a_changed_train_section_reruns_train_and_eval_but_not_surgery(crashed_r
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "surgery: complete for this config, skipping" in result.stdout
     assert "train: stale, running from scratch" in result.stdout
-    assert "eval: complete" not in result.stdout
+    assert "eval: complete for this config" not in result.stdout
+    for stage in ("train", "eval"):
+        assert re.search(rf"\[frankenllama\] {stage}: complete in \d+ s", result.stdout)
     assert manifest_stamp(run_dir / "surgery") == surgery_before
     assert manifest_stamp(run_dir / "eval") != eval_before
     assert json.loads((run_dir / "train" / "manifest.json").read_text())["steps"] == 4
