@@ -113,6 +113,9 @@ class TrainConfig(StrictModel):
     max_grad_norm: float = Field(default=0.3, gt=0)
     save_total_limit: int = Field(default=3, ge=2)  # 2+: rotation never leaves a torn newest as the only one
     gradient_checkpointing: bool = True
+    # fast: the plain recipe's math with bf16 frozen tables, one dequantization per pass, compiled decoder layers
+    # and fused cross-entropy on CUDA (train/fast_recipe.py); plain: peft's prepare_model_for_kbit_training.
+    recipe: Literal["fast", "plain"] = "fast"
     max_shard_size: str = "5GB"  # shards of the merged export
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
