@@ -122,10 +122,11 @@ class RandomBlocks:
 
 # ---- one cell: one recipe at one sequence length, in its own process --------------------------------------
 
-def stage_settings(seq_len: int, max_steps: int, optimizer: str):
+def stage_settings(seq_len: int, max_steps: int, optimizer: str, batch_size: int):
     """The fields of pipeline.config.TrainConfig the stage's model and trainer read, at the QLoRA recipe."""
     return SimpleNamespace(
-        max_steps=max_steps, save_steps=10**9, save_total_limit=2, seq_len=seq_len, batch_size=1, grad_accum=1,
+        max_steps=max_steps, save_steps=10**9, save_total_limit=2, seq_len=seq_len, batch_size=batch_size,
+        grad_accum=1, recipe="fast",
         learning_rate=1e-4, warmup_ratio=0.03, max_grad_norm=0.3, optimizer=optimizer, gradient_checkpointing=True,
         data=SimpleNamespace(seed=0),
         lora=SimpleNamespace(r=64, alpha=16, dropout=0.05, target_modules=TARGETS),
@@ -148,7 +149,8 @@ def plain_trainer(model, dataset, seq_len: int, max_steps: int, out_dir: str, cu
     return Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
 
 
-def run_cell(recipe: str, seq_len: int, quick: bool, cpu: bool, cap_gib: float, warmup: int, steps: int) -> dict:
+def run_cell(recipe: str, seq_len: int, batch: int, quick: bool, cpu: bool, cap_gib: float, warmup: int,
+             steps: int) -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -177,21 +179,21 @@ def run_cell(recipe: str, seq_len: int, quick: bool, cpu: bool, cap_gib: float, 
             self._sync()
             self.times.append(time.perf_counter() - self.start)
 
-    result = {"recipe": recipe, "seq": seq_len, "status": "ok"}
+    result = {"recipe": recipe, "seq": seq_len, "batch": batch, "status": "ok"}
     clock = StepClock()
     build_start = time.perf_counter()
     try:
         model = build_random_nf4_llama(shape, seed=0, device=device, compute_dtype=compute_dtype)
         result["build_s"] = round(time.perf_counter() - build_start, 1)
-        dataset = RandomBlocks(warmup + steps, seq_len, shape["vocab_size"], seed=0)
+        dataset = RandomBlocks((warmup + steps) * batch, seq_len, shape["vocab_size"], seed=0)
         torch.manual_seed(0)  # the LoRA initialization: the same for both recipes
         with tempfile.TemporaryDirectory() as out_dir:
             if recipe == "stage":
                 from train.model import prepare_for_training
                 from train.trainer import build_trainer
 
-                settings = stage_settings(seq_len, warmup + steps, optimizer)
-                model = prepare_for_training(model, settings.lora, settings.gradient_checkpointing)
+                settings = stage_settings(seq_len, warmup + steps, optimizer, batch)
+                model = prepare_for_training(model, settings.lora, settings.gradient_checkpointing, settings.recipe)
                 trainer = build_trainer(model, dataset, settings, Path(out_dir), seed=0, device=device)
             else:
                 trainer = plain_trainer(model, dataset, seq_len, warmup + steps, out_dir, cuda, optimizer)
@@ -199,7 +201,7 @@ def run_cell(recipe: str, seq_len: int, quick: bool, cpu: bool, cap_gib: float, 
             trainer.train()
         timed = clock.times[warmup:]
         result["step_s"] = round(statistics.mean(timed), 3)
-        result["tokens_per_s"] = round(seq_len / statistics.mean(timed), 1)
+        result["tokens_per_s"] = round(batch * seq_len / statistics.mean(timed), 1)
         result["losses"] = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
     except (torch.OutOfMemoryError, RuntimeError) as err:  # bitsandbytes reports some OOMs as RuntimeError
         if "out of memory" not in str(err).lower():
@@ -213,8 +215,8 @@ def run_cell(recipe: str, seq_len: int, quick: bool, cpu: bool, cap_gib: float, 
 
 # ---- the driver: every cell in a subprocess, then the table ----------------------------------------------
 
-def run_cell_subprocess(recipe: str, seq_len: int, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", recipe, str(seq_len), "--cap-gib", str(args.cap_gib),
+def run_cell_subprocess(recipe: str, seq_len: int, batch: int, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", recipe, str(seq_len), str(batch), "--cap-gib", str(args.cap_gib),
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
     command += ["--quick"] if args.quick else []
     command += ["--cpu"] if args.cpu else []
@@ -230,37 +232,50 @@ def run_cell_subprocess(recipe: str, seq_len: int, args: argparse.Namespace) -> 
     if lines:
         result = json.loads(lines[-1][len(RESULT):])
     elif process is None:
-        result = {"recipe": recipe, "seq": seq_len, "status": f"timed out after {args.cell_timeout} s"}
+        result = {"recipe": recipe, "seq": seq_len, "batch": batch,
+                  "status": f"timed out after {args.cell_timeout} s"}
     else:
         tail = (process.stderr or process.stdout).strip().splitlines()[-1:] or ["no output"]
         status = "out of memory" if "out of memory" in process.stderr.lower() else f"crashed: {tail[0][:120]}"
-        result = {"recipe": recipe, "seq": seq_len, "status": status}
+        result = {"recipe": recipe, "seq": seq_len, "batch": batch, "status": status}
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    print(f"[train_bench] {recipe} seq {seq_len}: {result.get('status')} "
+    print(f"[train_bench] {recipe} seq {seq_len} batch {batch}: {result.get('status')} "
           f"{result.get('tokens_per_s', '-')} tok/s, peak {result.get('peak_allocated_gib', '-')} GiB "
           f"({result['wall_s']} s)", flush=True)
     return result
 
 
 def format_table(results: list[dict]) -> str:
-    header = "| recipe | seq | tokens/s | step s | peak allocated GiB | peak reserved GiB | status | losses |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = ("| recipe | seq | micro-batch | tokens/s | step s | peak allocated GiB | peak reserved GiB | status "
+              "| losses |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        losses = ", ".join(f"{x:.4f}" for x in r.get("losses", [])[:4])
-        lines.append(f"| {r['recipe']} | {r['seq']} | {r.get('tokens_per_s', '-')} | {r.get('step_s', '-')} | "
+        losses = ", ".join(f"{x:.4f}" for x in r.get("losses", [])[:5])
+        lines.append(f"| {r['recipe']} | {r['seq']} | {r['batch']} | {r.get('tokens_per_s', '-')} | "
+                     f"{r.get('step_s', '-')} | "
                      f"{r.get('peak_allocated_gib', '-')} | {r.get('peak_reserved_gib', '-')} | {r['status']} | "
                      f"{losses} |")
     return "\n".join(lines)
 
 
+def loss_agreement(results: list[dict], seq: int) -> str:
+    """Largest |loss difference| between plain and stage at micro-batch 1: same weights, data and LoRA init."""
+    cell = {(r["recipe"], r["seq"], r["batch"]): r for r in results if r["status"] == "ok"}
+    plain, stage = cell.get(("plain", seq, 1)), cell.get(("stage", seq, 1))
+    if not (plain and stage):
+        return f"seq {seq}: no loss comparison (a micro-batch-1 cell is missing or failed)"
+    pairs = list(zip(plain["losses"], stage["losses"], strict=False))
+    worst = max(abs(a - b) for a, b in pairs)
+    return f"seq {seq}: first {len(pairs)} losses plain vs stage differ by at most {worst:.4f}"
+
+
 def summary_line(results: list[dict], short_seq: int, long_seq: int) -> str:
-    cell = {(r["recipe"], r["seq"]): r for r in results}
-    stage, plain = cell.get(("stage", short_seq), {}), cell.get(("plain", short_seq), {})
-    if stage.get("status") == "ok" and plain.get("status") == "ok":
-        speedup = f"{stage['tokens_per_s'] / plain['tokens_per_s']:.2f}x"
-    else:
-        speedup = "n/a"
-    long = cell.get(("stage", long_seq), {})
+    ok = [r for r in results if r["status"] == "ok"]
+    plain = next((r for r in ok if r["recipe"] == "plain" and r["seq"] == short_seq), None)
+    stage = max((r for r in ok if r["recipe"] == "stage" and r["seq"] == short_seq),
+                key=lambda r: r["tokens_per_s"], default=None)
+    speedup = f"{stage['tokens_per_s'] / plain['tokens_per_s']:.2f}x" if plain and stage else "n/a"
+    long = next((r for r in results if r["recipe"] == "stage" and r["seq"] == long_seq), {})
     fits = "yes" if long.get("status") == "ok" else "no"
     peak = long.get("peak_allocated_gib")
     peak_text = f"{peak:.1f} GiB" if isinstance(peak, (int, float)) else "n/a"
@@ -279,23 +294,29 @@ def main() -> None:
     parser.add_argument("--cell-timeout", type=int, default=300,
                         help="seconds per (recipe, seq) subprocess (4 cells must fit a 10-minute device call)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--worker", nargs=2, metavar=("RECIPE", "SEQ"), help=argparse.SUPPRESS)
+    parser.add_argument("--stage-batch", type=int, default=2,
+                        help="also time the stage at this micro-batch at the shortest seq (what the 22b configs use)")
+    parser.add_argument("--worker", nargs=3, metavar=("RECIPE", "SEQ", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        recipe, seq = args.worker
-        result = run_cell(recipe, int(seq), args.quick, args.cpu, args.cap_gib, args.warmup, args.steps)
+        recipe, seq, batch = args.worker
+        result = run_cell(recipe, int(seq), int(batch), args.quick, args.cpu, args.cap_gib, args.warmup, args.steps)
         print(RESULT + json.dumps(result), flush=True)
         return
 
     seqs = args.seq or ([256, 512] if args.quick else [2048, 4096])
     shape = SHAPE_QUICK if args.quick else SHAPE_22B
     print(f"[train_bench] shape {shape}, seqs {seqs}, cap {args.cap_gib} GiB, {args.warmup} warm-up + "
-          f"{args.steps} timed steps, batch 1, LoRA r=64 on {len(TARGETS)} projections", flush=True)
-    results = [run_cell_subprocess(recipe, seq, args) for seq in seqs for recipe in args.recipes]
+          f"{args.steps} timed steps, LoRA r=64 on {len(TARGETS)} projections", flush=True)
+    cells = [(recipe, seq, 1) for seq in seqs for recipe in args.recipes]
+    if "stage" in args.recipes and args.stage_batch > 1:
+        cells.insert(len(args.recipes), ("stage", seqs[0], args.stage_batch))
+    results = [run_cell_subprocess(recipe, seq, batch, args) for recipe, seq, batch in cells]
     print()
     print(format_table(results))
     print()
+    print(loss_agreement(results, seqs[0]))
     print(summary_line(results, seqs[0], seqs[-1]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
