@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def write_config(path: Path, run_dir: Path, model: str, steps: int, seq_len: int, wandb_mode: str) -> Path:
+def write_config(path: Path, run_dir: Path, model: str, steps: int, seq_len: int, wandb_mode: str,
+                 watchdog: bool) -> Path:
     import yaml
 
     config = {
@@ -50,6 +51,8 @@ def write_config(path: Path, run_dir: Path, model: str, steps: int, seq_len: int
             "data": {"sources": ["python-stdlib-docs"], "tokens": 120_000, "heldout_fraction": 0.05},
             "lora": {"r": 16, "alpha": 16},
             "wandb": {"mode": wandb_mode},
+            # A random-weight model's greedy output is one token repeated: the watchdog would rightly stop it.
+            "watchdog": {"enabled": watchdog},
         },
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -75,6 +78,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--rtol", type=float, default=2e-2, help="resumed vs uninterrupted loss, per step")
     parser.add_argument("--wandb", choices=["offline", "disabled"], default="offline")
+    parser.add_argument("--no-watchdog", action="store_true", help="for random-weight models, which loop by nature")
     args = parser.parse_args()
 
     import torch
@@ -92,7 +96,7 @@ def main() -> int:
     notes["device"] = torch.cuda.get_device_name(0)
 
     reference = write_config(logdir / "uninterrupted.yaml", logdir / "run-uninterrupted", args.model, args.steps,
-                             args.seq_len, args.wandb)
+                             args.seq_len, args.wandb, not args.no_watchdog)
     started = time.perf_counter()
     code = start_stage(reference, logdir / "uninterrupted.log", "--no-resume").wait()
     notes["uninterrupted_s"] = round(time.perf_counter() - started, 1)
@@ -100,7 +104,7 @@ def main() -> int:
     reference_dir = logdir / "run-uninterrupted" / "train"
 
     killed = write_config(logdir / "killed.yaml", logdir / "run-killed", args.model, args.steps, args.seq_len,
-                          args.wandb)
+                          args.wandb, not args.no_watchdog)
     train_dir = logdir / "run-killed" / "train"
     process = start_stage(killed, logdir / "killed.log", "--no-resume", "--set", "train.max_steps=100000")
     deadline = time.monotonic() + 900
