@@ -97,3 +97,13 @@ def tiny_llama_with_tokenizer(tiny_llama, smollm2_dir) -> Callable[..., Path]:
         return copy_tokenizer(smollm2_dir, tiny_llama(name, **kwargs))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """On cores shared with other jobs, torch's two intra-op threads wait on each other at every barrier;
+    one thread avoids that. Speed only; results do not depend on it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

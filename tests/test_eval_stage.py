@@ -40,14 +40,7 @@ TRUTHFULQA_PREAMBLE = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """On cores shared with other jobs, torch's two intra-op threads wait on each other at every barrier;
-    one thread avoids that. Speed only; results do not depend on it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def write_tiny_smol(folder: Path, tokenizer_dir: Path, seed: int, zero_writers: bool = False) -> Path:
