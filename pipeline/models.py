@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, error_reason
 from pipeline.runs import atomic_output_dir
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = error_reason(err)
         raise UserError(
             f"cannot fetch {repo_id} from the Hugging Face hub ({reason}); check the id, the network, and "
             "HF_TOKEN for gated models, or pass a local folder"

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.config import WandbConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, error_reason
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def start_run(
             settings=wandb.Settings(silent=True) if folder_when_done is not None else None,
         )
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = error_reason(err)
         raise UserError(
             f"wandb could not start ({reason}); set wandb.mode to offline or disabled in the {stage} section"
         ) from None

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from eval.benchmarks import BENCHMARKS, Benchmark, hub_dataset, hub_reachable, mmlu_subjects
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, error_reason, run_cli
 from pipeline.runs import atomic_output_dir
 
 log = logging.getLogger("fetch_benchmarks")
@@ -31,7 +31,7 @@ def fetch_splits(path: str, name: str | None, benchmark: Benchmark, folder: Path
             data = datasets.load_dataset(path, name, split=split.name)
         except Exception as err:
             raise UserError(f"cannot download {path} ({name or 'default'}) split {split.name}: "
-                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+                            f"{error_reason(err)}") from None
         data.to_json(folder / f"{split.name}.jsonl", lines=True, force_ascii=False)
         log.info("%s/%s.jsonl: %d rows", folder.name, split.name, len(data))
 

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import TrainDataConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, error_reason
 from pipeline.runs import atomic_output_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def _hub_files(repo: str, pattern: str | None) -> tuple[str, ...]:
     try:
         names = list_repo_files(repo, repo_type="dataset")
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = error_reason(err)
         raise UserError(
             f"cannot list the files of dataset {repo} on the Hugging Face hub ({reason}); check the id and the "
             "network, or give local jsonl files in train.data.sources"

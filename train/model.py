@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, error_reason
 
 if TYPE_CHECKING:  # only for hints: benchmarks/train_bench.py runs this module without pydantic installed
     from pipeline.config import LoraSettings, TrainConfig
@@ -54,7 +54,7 @@ def load_base_model(model_dir: Path, quantization: str, device: torch.device):
     try:
         return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = error_reason(err)
         raise UserError(
             f"cannot load the model from {model_dir} ({reason}); check the folder is a complete HF model"
         ) from None
