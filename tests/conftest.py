@@ -107,3 +107,16 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_wandb_service():
+    """A test that calls wandb.init in this process leaves WANDB_SERVICE in the environment; stage subprocesses
+    of later tests would then share that service, where a SIGKILLed child's run id stays "in use" and its
+    resumption is refused. A real stage never inherits one (the orchestrator does not init wandb)."""
+    yield
+    if "WANDB_SERVICE" in os.environ:
+        import wandb
+
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
