@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from pipeline.config import RunConfig, load_config
@@ -25,9 +26,33 @@ def stage_state(config: RunConfig, stage: str) -> str:
     manifest = read_manifest(folder)
     if manifest is None:
         return "partial"
-    if manifest.get("fingerprint") != stage_fingerprint(config, stage):
+    if manifest.get("fingerprint") != stage_fingerprint(config, stage) or inputs_replaced(config, stage, manifest):
         return "stale"
     return "complete"
+
+
+def _finished_at(manifest: dict) -> datetime | None:
+    try:
+        return datetime.strptime(manifest["finished_at"], "%Y-%m-%dT%H:%M:%S%z")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def inputs_replaced(config: RunConfig, stage: str, manifest: dict) -> bool:
+    """True when an earlier stage of this run finished after this one did: this stage's output was made from
+    inputs that have since been rebuilt (say, surgery rerun by hand with --force), so it is not current even with
+    an unchanged config. The manifests' own timestamps, not file times, so a copied run folder keeps its state."""
+    finished = _finished_at(manifest)
+    for upstream in STAGE_ORDER[: STAGE_ORDER.index(stage)]:
+        upstream_manifest = read_manifest(config.stage_dir(upstream))
+        if upstream_manifest is None:
+            continue
+        upstream_finished = _finished_at(upstream_manifest)
+        if finished is not None and upstream_finished is not None and upstream_finished > finished:
+            return True
+        if inputs_replaced(config, upstream, upstream_manifest):  # made from something stale is stale too
+            return True
+    return False
 
 
 def stage_available(stage: str) -> bool:

@@ -28,6 +28,9 @@ import yaml
 from conftest import copy_tokenizer, write_tiny_llama
 
 from eval.benchmarks import FIXTURES_DIR
+from pipeline.config import load_config
+from pipeline.orchestrate import stage_state
+from pipeline.runs import stage_fingerprint, write_manifest
 from train.trainer import newest_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,6 +317,22 @@ def test_a_changed_train_section_reruns_train_and_eval_but_not_surgery(crashed_r
     assert json.loads((run_dir / "train" / "manifest.json").read_text())["steps"] == 4
     assert status(config, "train.max_steps=4")[0] == dict.fromkeys(STAGES, "complete")
     assert status(config)[0] == {"surgery": "complete", "train": "stale", "eval": "stale"}
+
+
+def test_a_stage_older_than_its_rebuilt_input_is_stale(tmp_path, base_model):
+    """Same config, but surgery was redone (by hand, with --force) after training: the adapter was trained on a
+    model that no longer exists there, so train and eval are stale, not complete."""
+    config = load_config(None, [f"run_dir={tmp_path / 'run'}", f"surgery.base={base_model}"])
+    for stage, finished_at in (("surgery", "2026-01-01T10:00:00+0000"), ("train", "2026-01-01T10:59:59+0000"),
+                               ("eval", "2026-01-01T12:00:00+0000")):
+        config.stage_dir(stage).mkdir(parents=True)
+        write_manifest(config.stage_dir(stage), stage, fingerprint=stage_fingerprint(config, stage),
+                       finished_at=finished_at)
+    assert {stage: stage_state(config, stage) for stage in STAGES} == dict.fromkeys(STAGES, "complete")
+    write_manifest(config.stage_dir("surgery"), "surgery", fingerprint=stage_fingerprint(config, "surgery"),
+                   finished_at="2026-01-01T12:00:00+0100")  # 11:00:00 UTC, after train's 10:59:59
+    assert {stage: stage_state(config, stage) for stage in STAGES} == {
+        "surgery": "complete", "train": "stale", "eval": "stale"}
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
