@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--only", choices=STAGE_ORDER, help="run only this stage")
     run.add_argument("--force", action="store_true", help="rerun selected stages even if complete")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--num-gpus", type=int, metavar="N",
+                     help="train on N GPUs of this machine, one process each (same as --set train.num_gpus=N)")
     status = sub.add_parser("status", help="print each stage's state and where its outputs are")
     status.add_argument("config")
     status.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             print_status(load_config(args.config, args.overrides))
             return 0
-        return run_pipeline(args.config, args.overrides, args.start, args.only, args.force)
+        gpus = [f"train.num_gpus={args.num_gpus}"] if args.num_gpus is not None else []
+        return run_pipeline(args.config, [*args.overrides, *gpus], args.start, args.only, args.force)
 
     return run_cli(body)
 

@@ -119,6 +119,12 @@ class TrainConfig(StrictModel):
     max_shard_size: str = "5GB"  # shards of the merged export
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    # How many processes (one per GPU) train, and how they split the work: ddp = a full 4-bit copy per GPU, fsdp =
+    # the model sharded across GPUs (train/launch.py). They change how the stage runs, not what it computes (the
+    # global batch stays batch_size x grad_accum), so `exclude` keeps them out of dumps and thus out of stage
+    # fingerprints: a finished stage is not retrained and checkpoints resume when only these change.
+    num_gpus: int = Field(default=1, ge=1, exclude=True)
+    distributed: Literal["ddp", "fsdp"] = Field(default="ddp", exclude=True)
 
 
 class ProbeConfig(StrictModel):

@@ -1,4 +1,8 @@
-"""`python -m train --config FILE [--set dotted.key=value ...] [--resume | --no-resume]`."""
+"""`python -m train --config FILE [--set dotted.key=value ...] [--resume | --no-resume]`.
+
+With `train.num_gpus` > 1 (or `train.distributed: fsdp`) this process checks the input, prepares the stage folder
+and starts the workers through accelerate launch, each of which runs this same command (train/launch.py).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import logging
 import sys
 
 from pipeline.config import load_config
-from pipeline.errors import run_cli
+from pipeline.errors import EXIT_USER_ERROR, UserError, run_cli
+from train.world import die_with_parent, is_secondary_process, run_worker, under_launcher
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,15 +33,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    secondary = is_secondary_process()
+    # The main worker tells the story; the others only speak up for warnings.
+    logging.basicConfig(level=logging.WARNING if secondary else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
 
     def body() -> int:
-        from train.stage import run_train
+        from train.launch import needs_launch
+        from train.stage import launch_train, run_train
 
-        run_train(load_config(args.config, args.overrides), resume=args.resume)
+        config = load_config(args.config, args.overrides)
+        if needs_launch(config.train):
+            stage_args = ["--config", args.config, *(f"--set={assignment}" for assignment in args.overrides)]
+            return launch_train(config, args.resume, stage_args)
+        run_train(config, resume=args.resume)
         return 0
 
-    return run_cli(body)
+    def quiet() -> int:  # every worker meets the same user error; the main one prints it, once
+        try:
+            return body()
+        except UserError:
+            return EXIT_USER_ERROR
+
+    if not under_launcher():
+        return run_cli(body)
+    die_with_parent()
+    run_worker(quiet if secondary else lambda: run_cli(body))
 
 
 if __name__ == "__main__":

@@ -35,10 +35,14 @@ MODEL_FOLDER_FILES = (
 )
 
 
-def save_adapter(peft_model, adapter_dir: Path) -> Path:
-    """The trained adapter as peft writes it (adapter_config.json + adapter_model.safetensors), atomically."""
+def save_adapter(peft_model, adapter_dir: Path, state_dict: dict | None = None) -> Path:
+    """The trained adapter as peft writes it (adapter_config.json + adapter_model.safetensors), atomically.
+
+    `state_dict`: the model's full state gathered from the processes that hold its shards (FSDP), of which peft
+    keeps the adapter's tensors; None reads the weights from `peft_model` itself.
+    """
     with atomic_output_dir(adapter_dir, force=True) as tmp:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
+        peft_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     log.info("export: adapter saved to %s", adapter_dir)
     return adapter_dir
 

@@ -32,7 +32,12 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def nf4_config(compute: torch.dtype):
+def nf4_config(compute: torch.dtype, sharded: bool = False):
+    """NF4 with double quantization; `sharded` (FSDP) packs the 4-bit values into the compute dtype.
+
+    FSDP flattens the parameters of each wrapped decoder layer into one tensor and can only do that for one
+    floating dtype, so the 4-bit storage must match the layer's other weights (bitsandbytes' FSDP-QLoRA guide).
+    """
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -40,16 +45,21 @@ def nf4_config(compute: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
+        **({"bnb_4bit_quant_storage": compute} if sharded else {}),
     )
 
 
-def load_base_model(model_dir: Path, quantization: str, device: torch.device):
-    """The frozen base, NF4-quantized while loading (never materialized in full precision on the GPU)."""
+def load_base_model(model_dir: Path, quantization: str, device: torch.device, sharded: bool = False):
+    """The frozen base, NF4-quantized while loading (never materialized in full precision on the GPU).
+
+    Each process loads onto its own GPU (`device` is cuda:<local rank> in a worker); with `sharded` FSDP then
+    keeps only this process's shard of every decoder layer.
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": compute_dtype(device), "device_map": {"": str(device)}}
     if quantization == "nf4":
-        kwargs["quantization_config"] = nf4_config(compute_dtype(device))
+        kwargs["quantization_config"] = nf4_config(compute_dtype(device), sharded)
     log.info("model: loading %s (%s weights, %s compute on %s)", model_dir, quantization, kwargs["dtype"], device)
     try:
         return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -78,7 +88,7 @@ def keep_cpu_4bit_weights_trainable(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def keep_residual_stream_fp32(model: torch.nn.Module) -> None:
+def keep_residual_stream_fp32(model: torch.nn.Module, fp32_norms: bool = True) -> None:
     """Carry the residual stream in fp32 while the big frozen tables stay in half precision.
 
     A 4-bit linear hands back its output in its input's dtype, and peft adds the LoRA delta to that output.
@@ -88,9 +98,12 @@ def keep_residual_stream_fp32(model: torch.nn.Module) -> None:
     matmuls still run in bf16 under the Trainer's autocast. Only for 4-bit bases: a Linear4bit casts its input
     to the compute dtype itself, a plain half-precision nn.Linear would not. lm_head gets its input cast to its
     own dtype, so generation outside autocast (the watchdog's probes) works too.
+
+    `fp32_norms=False` (FSDP, whose wrapped layers need one parameter dtype) leaves the norm weights in half
+    precision: RMSNorm multiplies its half-precision weight with the fp32 stream, so the stream stays fp32.
     """
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight") and param.dtype != torch.float32:
+        if fp32_norms and name.endswith("norm.weight") and param.dtype != torch.float32:
             param.data = param.data.float()
     model.get_input_embeddings().register_forward_hook(lambda _module, _inputs, output: output.float())
     model.get_output_embeddings().register_forward_pre_hook(
@@ -107,12 +120,14 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def prepare_for_training(model, lora: LoraSettings, gradient_checkpointing: bool, recipe: str = "fast"):
+def prepare_for_training(model, lora: LoraSettings, gradient_checkpointing: bool, recipe: str = "fast",
+                         sharded: bool = False):
     """Freeze the base, add LoRA on the configured projections, enable checkpointing; returns the peft model.
 
     `plain` is peft's own QLoRA preparation (fp32 upcast of every non-4-bit weight), kept as the reference the
     fast recipe is measured against; `fast` gets the same math with bf16 frozen tables plus, on CUDA, the
-    levers of train/fast_recipe.py.
+    levers of train/fast_recipe.py. `sharded` (FSDP) keeps every frozen weight in the compute dtype and skips
+    the CUDA levers: they replace the 4-bit layers' forward and compile the decoder layers, which FSDP wraps.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -120,14 +135,14 @@ def prepare_for_training(model, lora: LoraSettings, gradient_checkpointing: bool
     for param in model.parameters():
         param.requires_grad_(False)
     quantized_layers = keep_cpu_4bit_weights_trainable(model)
-    if recipe == "plain":
+    if recipe == "plain" and not sharded:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     else:
         if quantized_layers and model.get_input_embeddings().weight.dtype != torch.float32:
-            keep_residual_stream_fp32(model)
+            keep_residual_stream_fp32(model, fp32_norms=not sharded)
         if gradient_checkpointing:
             enable_activation_checkpointing(model)
     lora_config = LoraConfig(
@@ -146,7 +161,7 @@ def prepare_for_training(model, lora: LoraSettings, gradient_checkpointing: bool
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("model: LoRA r=%d alpha=%g on %s: %s trainable parameters", lora.r, lora.alpha,
              ",".join(lora.target_modules), f"{trainable:,}")
-    if recipe == "fast" and quantized_layers and next(model.parameters()).is_cuda:
+    if recipe == "fast" and quantized_layers and not sharded and next(model.parameters()).is_cuda:
         from train.fast_recipe import apply_cuda_levers
 
         log.info("model: fast recipe on CUDA: %s", ", ".join(apply_cuda_levers(peft_model)))
@@ -154,5 +169,6 @@ def prepare_for_training(model, lora: LoraSettings, gradient_checkpointing: bool
 
 
 def load_for_training(model_dir: Path, train: TrainConfig, device: torch.device):
-    model = load_base_model(model_dir, train.quantization, device)
-    return prepare_for_training(model, train.lora, train.gradient_checkpointing, train.recipe)
+    sharded = train.distributed == "fsdp"
+    model = load_base_model(model_dir, train.quantization, device, sharded)
+    return prepare_for_training(model, train.lora, train.gradient_checkpointing, train.recipe, sharded)

@@ -3,6 +3,11 @@
 `<run_dir>/train/` is filled in place (checkpoints accumulate there while training) and counts as finished
 only once `manifest.json` is written, last. A rerun resumes from the newest complete checkpoint unless told
 `--no-resume`; checkpoints made with different settings are never silently continued.
+
+With several processes (train.num_gpus, train/launch.py) the launching process does the checks and the
+main-process preparation, then each worker runs `run_train`: the main one writes (data cache, held-out file,
+wandb run, export, manifest), the others wait for it and train. The number of processes is not a checkpoint
+setting: checkpoints resume on any number of them.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +89,10 @@ def resume_settings(config: RunConfig, model_dir: Path) -> dict[str, Any]:
         "model": str(model_dir.resolve()),
         "model_fingerprint": base.get("fingerprint"),
         "data_slice": slice_key(config.train.data, config.train.seq_len, model_dir),
-        "train": config.train.model_dump(mode="json", include=CHECKPOINT_SETTINGS),
+        # FSDP checkpoints hold sharded weights and optimizer state that a DDP or single process cannot read; the key
+        # exists only then, so the settings recorded by runs that predate it still match.
+        "train": {**config.train.model_dump(mode="json", include=CHECKPOINT_SETTINGS),
+                  **({"distributed": "fsdp"} if config.train.distributed == "fsdp" else {})},
     }
 
 
@@ -127,33 +136,43 @@ def last_loss(log_history: list[dict[str, Any]]) -> float | None:
     return losses[-1] if losses else None
 
 
-def run_train(config: RunConfig, resume: bool = True) -> Path:
-    """Run the whole stage; returns `<run_dir>/train/`."""
-    out_dir = config.stage_dir("train")
-    train = config.train
+@dataclass(frozen=True)
+class Preflight:
+    """What the cheap checks found: the model to train, this config's fingerprint, and whether it is done."""
+
+    model_dir: Path
+    fingerprint: str
+    complete: bool
+
+
+def preflight(config: RunConfig, resume: bool) -> Preflight:
+    """The checks that need no torch: bad input fails here in a second, with one line, before any work."""
+    from train.world import grad_accum_per_process, launched_with_fsdp, processes_to_run, under_launcher
+
+    out_dir, train = config.stage_dir("train"), config.train
     model_dir = locate_model(config)
     check_context(model_dir, train.seq_len)
+    grad_accum_per_process(train.grad_accum, processes_to_run(train.num_gpus))
+    if under_launcher() and launched_with_fsdp() != (train.distributed == "fsdp"):
+        raise UserError(f"the launcher {'runs' if launched_with_fsdp() else 'does not run'} FSDP but "
+                        f"train.distributed is {train.distributed}; make them agree")
     fingerprint = stage_fingerprint(config, "train")
     manifest = read_manifest(out_dir)
-    if resume and manifest is not None and manifest.get("fingerprint") == fingerprint:
+    complete = resume and manifest is not None and manifest.get("fingerprint") == fingerprint
+    if complete:
         log.info("train: already complete for this config (%s); pass --no-resume to train again", out_dir)
-        return out_dir
+    return Preflight(model_dir, fingerprint, complete)
 
-    # Heavy imports only now: bad input above fails in a second, and the data/model modules need torch & co.
-    import torch
-    from transformers import set_seed
 
+def prepare_stage_folder(config: RunConfig, model_dir: Path, resume: bool):
+    """The main process's work before training: the data slice, the stage folder, its settings and held-out file.
+
+    Returns the prepared corpus. Idempotent, so a launching process and then the main worker may both run it.
+    """
     from train.data import prepare_corpus
-    from train.export import merge_adapter, save_adapter
-    from train.model import load_for_training, training_device
-    from train.trainer import (
-        WandbLogging,
-        build_trainer,
-        newest_complete_checkpoint,
-        remove_incomplete_checkpoints,
-        run_training,
-    )
+    from train.trainer import remove_incomplete_checkpoints
 
+    out_dir, train = config.stage_dir("train"), config.train
     # The data first: unreadable sources or a slice larger than them fail before this stage's folder is touched.
     corpus = prepare_corpus(train.data, train.seq_len, model_dir, config.run_dir / "data")
     if not resume and out_dir.exists():
@@ -162,15 +181,71 @@ def run_train(config: RunConfig, resume: bool = True) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     check_resume_settings(out_dir, resume_settings(config, model_dir))
     (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the folder is a run in progress
-    heldout = publish_heldout(corpus.heldout_path, out_dir)
-    device = training_device()
-    run = start_run(train.wandb, config.run_dir, out_dir, "train", config.model_dump(mode="json"))
+    publish_heldout(corpus.heldout_path, out_dir)
+    remove_incomplete_checkpoints(out_dir)
+    return corpus
+
+
+def launch_train(config: RunConfig, resume: bool, stage_args: list[str]) -> int:
+    """The stage as `train.num_gpus` worker processes; `stage_args` are what each worker's `python -m train` gets.
+
+    The checks and the main-process preparation run here first, so bad input fails once, with one line, before
+    any worker starts; the workers are then told to resume (a --no-resume has already cleared the folder).
+    """
+    from train.launch import launch_workers
+
+    checked = preflight(config, resume)
+    if checked.complete:
+        return 0
+    prepare_stage_folder(config, checked.model_dir, resume)
+    return launch_workers(config.train, config.stage_dir("train"), [*stage_args, "--resume"])
+
+
+def gather_adapter_state(trainer) -> dict | None:
+    """Under FSDP the adapter is sharded across the processes: gather it (every process must call this), in the
+    full-state-dict form peft's FSDP guide saves with. None when this process holds the whole model."""
+    if not trainer.is_fsdp_enabled:
+        return None
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    return trainer.accelerator.get_state_dict(trainer.model)
+
+
+def run_train(config: RunConfig, resume: bool = True) -> Path:
+    """Run the whole stage (as a single process, or as one worker of several); returns `<run_dir>/train/`."""
+    out_dir = config.stage_dir("train")
+    train = config.train
+    checked = preflight(config, resume)
+    if checked.complete:
+        return out_dir
+    model_dir = checked.model_dir
+
+    # Heavy imports only now: bad input above fails in a second, and the data/model modules need torch & co.
+    import torch
+    from transformers import set_seed
+
+    from train.data import prepare_corpus
+    from train.export import merge_adapter, save_adapter
+    from train.model import load_for_training, training_device
+    from train.trainer import WandbLogging, build_trainer, newest_complete_checkpoint, run_training
+    from train.world import join_world
+
+    world = join_world()
+    main = world.is_main_process
+    run = corpus = None
+    if main:
+        corpus = prepare_stage_folder(config, model_dir, resume)
+        wandb_config = {**config.model_dump(mode="json"), "processes": world.num_processes,
+                        "distributed": train.distributed}
+        run = start_run(train.wandb, config.run_dir, out_dir, "train", wandb_config)
     wandb_run_id = run.id if run is not None else None
+    world.wait_for_everyone()
+    if corpus is None:  # the others read the slice the main process prepared (a cache hit: nothing is written)
+        corpus = prepare_corpus(train.data, train.seq_len, model_dir, config.run_dir / "data")
+    device = training_device()
     exit_code = 1
     try:
         set_seed(config.seed)
         model = load_for_training(model_dir, train, device)
-        remove_incomplete_checkpoints(out_dir)
         resume_from = newest_complete_checkpoint(out_dir) if resume else None
         callbacks = [WandbLogging(run)] if run else []
         watchdog = start_watchdog(train, model_dir, out_dir)
@@ -183,10 +258,13 @@ def run_train(config: RunConfig, resume: bool = True) -> Path:
                 f"samples DEGENERATE ({'; '.join(watchdog.tripped.reasons)}); samples in {out_dir / 'watchdog.jsonl'},"
                 " the checkpoint it saved is kept for inspection; fix the cause and rerun with --no-resume"
             )
+        adapter_state = gather_adapter_state(trainer)  # the last collective: the main process exports alone
+        if not main:
+            return out_dir
         history = trainer.state.log_history
         write_json_atomic(out_dir / LOG_HISTORY, history)
-        save_adapter(model, out_dir / "adapter")
-        del trainer, model
+        save_adapter(model, out_dir / "adapter", adapter_state)
+        del trainer, model, adapter_state
         if device.type == "cuda":
             torch.cuda.empty_cache()
         merge_adapter(model_dir, out_dir / "adapter", out_dir / "merged", train.max_shard_size)
@@ -198,14 +276,16 @@ def run_train(config: RunConfig, resume: bool = True) -> Path:
     write_manifest(
         out_dir,
         "train",
-        fingerprint=fingerprint,
+        fingerprint=checked.fingerprint,
         model=str(model_dir),
         device=str(device),
+        processes=world.num_processes,
+        distributed=train.distributed,
         quantization=train.quantization,
         steps=steps,
         final_loss=last_loss(history),
         data=corpus.summary,
-        heldout=heldout.name,
+        heldout=HELDOUT,
         adapter="adapter",
         merged="merged",
         log_history=LOG_HISTORY,

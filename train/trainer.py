@@ -6,6 +6,12 @@ consumed batches skipped by index, nothing re-read). What is added here: which c
 complete (a run killed mid-save leaves a torn one), tokens/s and peak GPU memory in every log line, and a
 stop on a non-finite loss that keeps the last good checkpoint (the Trainer's default would average the NaN
 away in the log and save the broken weights).
+
+With several processes (train/world.py) each accumulates grad_accum / processes micro-batches, so a step sees
+the config's global batch, and the data position is the same global one at any number of processes: a
+checkpoint written by N processes resumes on M. Only the RNG streams cannot carry over (each process has its
+own, saved as rng_state_<i>.pth): on a changed process count every process restarts its RNG from a seed of
+(seed, step, process), so the same checkpoint resumed twice on M processes still trains identically.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from pipeline.errors import UserError
+from pipeline.runs import write_json_atomic
+from train.world import grad_accum_per_process, world_size
 
 if TYPE_CHECKING:  # only for hints: benchmarks/train_bench.py runs this module without pydantic installed
     from pipeline.config import TrainConfig
@@ -32,6 +40,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Written by Trainer._save_checkpoint in this order; trainer_state.json comes last.
 CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+# Written by the main process once every process has saved its part (CheckpointProcesses): with several writers,
+# trainer_state.json is not the last file (another process may still be writing its rng_state_<i>.pth, or its FSDP
+# shard), so this marker is what makes such a checkpoint complete. It also says how many processes wrote it.
+PROCESSES_FILE = "processes.json"
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -39,17 +51,29 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match and path.is_dir() else None
 
 
+def checkpoint_processes(path: Path) -> int | None:
+    """How many processes wrote a checkpoint; None if its marker is missing or torn."""
+    try:
+        return int(json.loads((path / PROCESSES_FILE).read_text())["processes"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
 def is_complete_checkpoint(path: Path) -> bool:
-    """All of a checkpoint's files are there and its state (written last) parses and names its own step."""
-    if not all((path / name).is_file() for name in CHECKPOINT_FILES):
-        return False
-    if not any(path.glob("rng_state*.pth")):
-        return False
+    """Its state parses and names its own step, and every process finished writing its part.
+
+    A checkpoint with the processes marker is complete (the marker comes after everything); one without it is
+    complete only as a single process writes it (every file present, rng_state.pth included, the state last).
+    """
     try:
         state = json.loads((path / "trainer_state.json").read_text())
     except (json.JSONDecodeError, OSError):
         return False
-    return state.get("global_step") == checkpoint_step(path)
+    if state.get("global_step") != checkpoint_step(path):
+        return False
+    if checkpoint_processes(path) is not None:
+        return True
+    return all((path / name).is_file() for name in (*CHECKPOINT_FILES, "rng_state.pth"))
 
 
 def checkpoints(out_dir: Path) -> list[Path]:
@@ -84,13 +108,15 @@ def training_arguments(train: TrainConfig, out_dir: Path, seed: int, device: tor
         output_dir=str(out_dir),
         max_steps=train.max_steps,
         per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
         learning_rate=train.learning_rate,
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of max_steps
         max_grad_norm=train.max_grad_norm,
         weight_decay=0.0,
         optim=optimizer_name(train.optimizer, device),
+        gradient_accumulation_steps=grad_accum_per_process(train.grad_accum, world_size()),
+        include_num_input_tokens_seen="all",  # counted over all processes: the global batch, as logged
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient every step
         bf16=cuda,
         use_cpu=not cuda,
         seed=seed,
@@ -143,6 +169,25 @@ class WandbLogging(TrainerCallback):
         self.run.log(payload)
 
 
+class CheckpointProcesses(TrainerCallback):
+    """After every process has saved its part of a checkpoint, the main one marks it complete (PROCESSES_FILE)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_json_atomic(folder / PROCESSES_FILE, {"processes": args.world_size})
+
+
+def restart_rng(seed: int, step: int, process_index: int) -> int:
+    """A seed for process `process_index` resuming at `step` on a changed process count; sets and returns it."""
+    derived = (seed * 1_000_003 + step * 1_009 + process_index) % 2**32
+    set_seed(derived)
+    return derived
+
+
 class QLoRATrainer(Trainer):
     """The HF Trainer plus throughput and memory in each log, and a clean stop on a non-finite loss."""
 
@@ -150,7 +195,26 @@ class QLoRATrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.throughput = ThroughputMeter(tokens_per_step)
         self.add_callback(self.throughput)
+        self.add_callback(CheckpointProcesses())
         self.non_finite_step: int | None = None
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """The saved RNG streams when this checkpoint was written by as many processes as run now; else a restart.
+
+        The Trainer itself would look for rng_state_<i>.pth (or rng_state.pth for one process), not find it, and
+        go on with whatever state the process has, differently for every resumption.
+        """
+        if checkpoint is None:
+            return
+        written_by = checkpoint_processes(Path(checkpoint)) or 1
+        if written_by == self.args.world_size:
+            super()._load_rng_state(checkpoint)
+            return
+        seed = restart_rng(self.args.seed, self.state.global_step, self.args.process_index)
+        if self.args.should_save:
+            log.info("train: %s was written by %d process(es) and resumes on %d; each process restarts its random "
+                     "streams (dropout) from a seed of (seed, step, process), e.g. %d", checkpoint, written_by,
+                     self.args.world_size, seed)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
