@@ -1,0 +1,195 @@
+"""The train stage as two processes through its real launch path (accelerate launch, gloo on CPU), on a tiny Llama
+with SmolLM2's tokenizer and the bundled corpus.
+
+Two runs train the same 8 steps, each SIGKILLed after a checkpoint and resumed on the other number of processes:
+- `one_then_two`: one process, resumed by the orchestrator as `--num-gpus 2` (scripts/run_all.sh's path);
+- `two_then_one`: two processes (`python -m train --set train.num_gpus=2`; only the launching process is killed,
+  its workers must die with it), resumed by one process.
+Without dropout every step's loss depends only on the weights and the blocks it trains on, so equal losses at
+every step in both runs mean both saw the config's global batch, in the same order, across both resumptions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import copy_tokenizer, write_tiny_llama
+from transformers import AutoModelForCausalLM
+
+from pipeline.runs import read_manifest
+from train.__main__ import main as train_main
+from train.trainer import checkpoint_processes, newest_complete_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+SEQ_LEN, GRAD_ACCUM = 32, 2
+TOKENS_PER_STEP = 1 * GRAD_ACCUM * SEQ_LEN  # batch_size 1
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+       "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
+
+
+def stage_config(run_dir: Path, model_dir: Path, **train_overrides) -> dict:
+    train = {
+        "model": str(model_dir), "max_steps": STEPS, "save_steps": 2, "seq_len": SEQ_LEN, "grad_accum": GRAD_ACCUM,
+        "quantization": "none", "gradient_checkpointing": False, "learning_rate": 0.01, "warmup_ratio": 0.0,
+        "data": {"sources": ["python-stdlib-docs"], "tokens": 1500, "heldout_fraction": 0.1},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "watchdog": {"enabled": False},
+        "wandb": {"mode": "offline"},
+    }
+    train.update(train_overrides)
+    return {"run_dir": str(run_dir), "seed": 0, "train": train}
+
+
+def write_config(folder: Path, model_dir: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(stage_config(folder / "run", model_dir)))
+    return path
+
+
+def run(args: list[str], **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=ENV, **popen)
+
+
+def finish(args: list[str]) -> str:
+    process = run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def history(train_dir: Path) -> dict[int, dict]:
+    entries = json.loads((train_dir / "log_history.json").read_text())
+    return {entry["step"]: entry for entry in entries if "loss" in entry}
+
+
+def processes_running(marker: str) -> list[int]:
+    """Pids of live processes whose command line mentions `marker` (the test's own config path)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smollm2_dir) -> Path:
+    folder = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", vocab_size=49152, hidden_size=64,
+                              intermediate_size=128)
+    return copy_tokenizer(smollm2_dir, folder)
+
+
+def kill_after_first_checkpoint(config: Path, processes: int) -> Path:
+    """Start `python -m train` on `processes` processes, aimed far past STEPS (with no warmup its schedule is the
+    same), SIGKILL it (only it, not its workers) once a checkpoint is complete, check nothing it started lives on;
+    returns the checkpoint (rotation deletes it later)."""
+    train_dir = config.parent / "run" / "train"
+    args = ["-m", "train", "--config", str(config), "--set", "train.max_steps=100000",
+            "--set", f"train.num_gpus={processes}"]
+    launcher = run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while newest_complete_checkpoint(train_dir) is None:
+        assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while processes_running(str(config)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_running(str(config)) == [], "worker processes survived their launcher"
+    killed_at = newest_complete_checkpoint(train_dir)
+    assert killed_at is not None and read_manifest(train_dir) is None
+    assert checkpoint_processes(killed_at) == processes
+    return killed_at
+
+
+@pytest.fixture(scope="module")
+def one_then_two(tmp_path_factory, tiny_model) -> tuple[Path, Path, str]:
+    """(train folder, the checkpoint the killed one-process run left, output of the two-process resumption)."""
+    config = write_config(tmp_path_factory.mktemp("one_then_two"), tiny_model)
+    killed_at = kill_after_first_checkpoint(config, processes=1)
+    resumed = finish(["-m", "pipeline", "run", str(config), "--only", "train", "--num-gpus", "2"])
+    return config.parent / "run" / "train", killed_at, resumed
+
+
+@pytest.fixture(scope="module")
+def two_then_one(tmp_path_factory, tiny_model) -> tuple[Path, Path, str]:
+    """(train folder, the checkpoint the killed two-process run left, output of the one-process resumption)."""
+    config = write_config(tmp_path_factory.mktemp("two_then_one"), tiny_model)
+    killed_at = kill_after_first_checkpoint(config, processes=2)
+    resumed = finish(["-m", "train", "--config", str(config)])
+    return config.parent / "run" / "train", killed_at, resumed
+
+
+def test_two_processes_train_with_the_global_batch_and_resume_a_one_process_checkpoint(one_then_two, tiny_model):
+    train_dir, killed_at, resumed = one_then_two
+    assert f"resuming from {killed_at}" in resumed and "written by 1 process(es) and resumes on 2" in resumed
+
+    manifest = read_manifest(train_dir)
+    assert manifest["processes"] == 2 and manifest["steps"] == STEPS
+    logged = history(train_dir)
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    # Tokens are counted by the Trainer over all processes: each step of both parts saw the config's global batch.
+    assert all(logged[step]["num_input_tokens_seen"] == step * TOKENS_PER_STEP for step in logged)
+    assert checkpoint_processes(train_dir / f"checkpoint-{STEPS}") == 2
+    assert sorted(p.name for p in (train_dir / f"checkpoint-{STEPS}").glob("rng_state*")) == [
+        "rng_state_0.pth", "rng_state_1.pth"]
+
+    # One export, by the main process: the adapter and a merged model that differs from the base.
+    assert (train_dir / "adapter" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(train_dir / "merged", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids = torch.tensor([[1, 500, 900, 42, 7]])
+    with torch.no_grad():
+        assert not torch.allclose(merged(ids).logits, base(ids).logits)
+    assert not list(train_dir.glob("*.tmp-*"))
+
+    # One wandb run: one id, and one run folder per start (the two-process start made one, not two).
+    run_id = (train_dir / "wandb_run_id").read_text().strip()
+    assert manifest["wandb_run_id"] == run_id
+    folders = sorted((train_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(folder.name.endswith(f"-{run_id}") for folder in folders)
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process_after_its_launcher_is_killed(two_then_one):
+    train_dir, killed_at, resumed = two_then_one
+    assert f"resuming from {killed_at}" in resumed and "written by 2 process(es) and resumes on 1" in resumed
+    manifest = read_manifest(train_dir)
+    assert manifest["processes"] == 1 and manifest["steps"] == STEPS
+    assert checkpoint_processes(train_dir / f"checkpoint-{STEPS}") == 1
+    assert (train_dir / "checkpoint-8" / "rng_state.pth").is_file()
+    logged = history(train_dir)
+    assert all(logged[step]["num_input_tokens_seen"] == step * TOKENS_PER_STEP for step in logged)
+
+
+def test_both_directions_train_the_same_steps_on_the_same_blocks(one_then_two, two_then_one):
+    """Before its run's kill a step ran on 1 process in one run and on 2 in the other, after it the other way round
+    (between the two kill points, on the same number after different resumptions): the same loss every time."""
+    one_two, two_one = history(one_then_two[0]), history(two_then_one[0])
+    assert sorted(one_two) == sorted(two_one) == list(range(1, STEPS + 1))
+    for step in one_two:
+        assert two_one[step]["loss"] == pytest.approx(one_two[step]["loss"], rel=1e-5), f"step {step}"
+    assert one_two[STEPS]["loss"] < one_two[1]["loss"]
+
+
+def test_a_grad_accum_that_does_not_split_over_the_processes_fails_with_one_line(tmp_path, tiny_model, capsys):
+    config = write_config(tmp_path, tiny_model)
+    assert train_main(["--config", str(config), "--set", "train.num_gpus=2", "--set", "train.grad_accum=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.grad_accum=3 does not split evenly over 2 processes" in err[0]
+    assert not (tmp_path / "run").exists()
