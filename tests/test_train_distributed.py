@@ -187,9 +187,24 @@ def test_both_directions_train_the_same_steps_on_the_same_blocks(one_then_two, t
     assert one_two[STEPS]["loss"] < one_two[1]["loss"]
 
 
-def test_a_grad_accum_that_does_not_split_over_the_processes_fails_with_one_line(tmp_path, tiny_model, capsys):
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["train.grad_accum=3"], "train.grad_accum=3 does not split evenly over 2 processes"),
+        (["train.distributed=fsdp", "train.watchdog.enabled=true"],
+         "watchdog does not run under train.distributed=fsdp"),
+        pytest.param(["train.distributed=fsdp"], "train.distributed=fsdp needs CUDA GPUs",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP runs where there is CUDA")),
+    ],
+    ids=["grad-accum-does-not-split", "watchdog-under-fsdp", "fsdp-without-cuda"],
+)
+def test_a_setting_two_processes_cannot_run_fails_with_one_line_before_any_work(tmp_path, tiny_model, capsys,
+                                                                                 overrides, fragment):
     config = write_config(tmp_path, tiny_model)
-    assert train_main(["--config", str(config), "--set", "train.num_gpus=2", "--set", "train.grad_accum=3"]) == 2
+    args = ["--config", str(config), "--set", "train.num_gpus=2"]
+    for assignment in overrides:
+        args += ["--set", assignment]
+    assert train_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "train.grad_accum=3 does not split evenly over 2 processes" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
     assert not (tmp_path / "run").exists()

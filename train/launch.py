@@ -57,18 +57,21 @@ def needs_launch(train: TrainConfig) -> bool:
     return not under_launcher() and (train.num_gpus > 1 or train.distributed == "fsdp")
 
 
-def check_gpus(num_gpus: int) -> bool:
+def check_gpus(train: TrainConfig) -> bool:
     """True if the workers get CUDA GPUs; a one-line error if fewer are visible than asked for."""
     import torch
 
     if not torch.cuda.is_available():
+        if train.distributed == "fsdp":
+            raise UserError("train.distributed=fsdp needs CUDA GPUs (accelerate's FSDP has no CPU backend); use "
+                            "train.distributed=ddp here")
         log.info("train: no CUDA GPU, so the %d processes run on CPU (gloo): a check of the multi-process path, "
-                 "not a speed-up", num_gpus)
+                 "not a speed-up", train.num_gpus)
         return False
     visible = torch.cuda.device_count()
-    if visible < num_gpus:
+    if visible < train.num_gpus:
         raise UserError(
-            f"train.num_gpus={num_gpus} but only {visible} CUDA GPU(s) are visible; lower train.num_gpus (or "
+            f"train.num_gpus={train.num_gpus} but only {visible} CUDA GPU(s) are visible; lower train.num_gpus (or "
             "--num-gpus) or check CUDA_VISIBLE_DEVICES"
         )
     return True
@@ -109,13 +112,13 @@ def worker_exit_code(failures: dict) -> int:
     return own[0] if own else 1
 
 
-def launch_workers(train: TrainConfig, out_dir: Path, stage_args: list[str]) -> int:
-    """Run `python -m train <stage_args>` in `train.num_gpus` processes; returns the run's exit code."""
+def launch_workers(train: TrainConfig, out_dir: Path, stage_args: list[str], cuda: bool) -> int:
+    """Run `python -m train <stage_args>` in `train.num_gpus` processes (on GPUs if `cuda`, as check_gpus found);
+    returns the run's exit code."""
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    cuda = check_gpus(train.num_gpus)
     config_file = out_dir / ACCELERATE_CONFIG
     config_file.write_text(yaml.safe_dump(accelerate_config(train), sort_keys=True))
     log.info("train: starting %d %s processes (%s) with accelerate launch --config_file %s", train.num_gpus,

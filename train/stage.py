@@ -156,6 +156,10 @@ def preflight(config: RunConfig, resume: bool) -> Preflight:
     if under_launcher() and launched_with_fsdp() != (train.distributed == "fsdp"):
         raise UserError(f"the launcher {'runs' if launched_with_fsdp() else 'does not run'} FSDP but "
                         f"train.distributed is {train.distributed}; make them agree")
+    if train.distributed == "fsdp" and train.watchdog.enabled:
+        # Its greedy probes call generate() on the model, whose weights FSDP keeps sharded outside forward passes.
+        raise UserError("the degeneration watchdog does not run under train.distributed=fsdp yet; set "
+                        "train.watchdog.enabled=false, or use train.distributed=ddp if the model fits one GPU")
     fingerprint = stage_fingerprint(config, "train")
     manifest = read_manifest(out_dir)
     complete = resume and manifest is not None and manifest.get("fingerprint") == fingerprint
@@ -192,13 +196,14 @@ def launch_train(config: RunConfig, resume: bool, stage_args: list[str]) -> int:
     The checks and the main-process preparation run here first, so bad input fails once, with one line, before
     any worker starts; the workers are then told to resume (a --no-resume has already cleared the folder).
     """
-    from train.launch import launch_workers
+    from train.launch import check_gpus, launch_workers
 
     checked = preflight(config, resume)
     if checked.complete:
         return 0
+    cuda = check_gpus(config.train)
     prepare_stage_folder(config, checked.model_dir, resume)
-    return launch_workers(config.train, config.stage_dir("train"), [*stage_args, "--resume"])
+    return launch_workers(config.train, config.stage_dir("train"), [*stage_args, "--resume"], cuda)
 
 
 def gather_adapter_state(trainer) -> dict | None:
