@@ -15,11 +15,18 @@ every peak is that cell's own. A few warm-up steps, then timed steps (CUDA-synch
 tokens/s, peak allocated/reserved memory and the first losses (same seed and data: they should agree within
 bf16 noise). Paged-optimizer state lives in CUDA unified memory and is not in the allocator's peak.
 
+`--num-gpus N` measures data-parallel scaling instead: the stage's recipe at the shortest seq and the same
+per-GPU micro-batch (`--stage-batch`), on one GPU and then on N GPUs of this machine, launched the way the stage
+launches them (accelerate launch with train/launch.py's config, DDP, each GPU capped at `--cap-gib`); tokens/s
+counts the tokens of all GPUs, and the run ends with `train_bench: N-GPU scaling X.XXx vs 1 GPU (data-parallel)`.
+
 Needs only torch, transformers, peft, accelerate and bitsandbytes.
 
     python benchmarks/train_bench.py                 # 22b shape, seq 2048 and 4096 (an H200 or any 24 GB+ GPU)
     python benchmarks/train_bench.py --quick         # tiny shape, seconds: checks the script itself
     python benchmarks/train_bench.py --quick --cpu   # the same on CPU (adamw_torch, fp32, no cap)
+    python benchmarks/train_bench.py --num-gpus 2    # 22b shape, seq 2048, micro-batch 2: 1 GPU vs 2 GPUs
+    python benchmarks/train_bench.py --num-gpus 2 --quick --cpu   # the scaling path on 2 CPU processes (gloo)
 """
 
 from __future__ import annotations
@@ -122,11 +129,12 @@ class RandomBlocks:
 
 # ---- one cell: one recipe at one sequence length, in its own process --------------------------------------
 
-def stage_settings(seq_len: int, max_steps: int, optimizer: str, batch_size: int):
-    """The fields of pipeline.config.TrainConfig the stage's model and trainer read, at the QLoRA recipe."""
+def stage_settings(seq_len: int, max_steps: int, optimizer: str, batch_size: int, gpus: int = 1):
+    """The fields of pipeline.config.TrainConfig the stage's model, trainer and launcher read, at the QLoRA
+    recipe; one micro-batch per GPU and step, so the global batch grows with the GPUs (same per-GPU batch)."""
     return SimpleNamespace(
         max_steps=max_steps, save_steps=10**9, save_total_limit=2, seq_len=seq_len, batch_size=batch_size,
-        grad_accum=1, recipe="fast",
+        grad_accum=gpus, recipe="fast", num_gpus=gpus, distributed="ddp",
         learning_rate=1e-4, warmup_ratio=0.03, max_grad_norm=0.3, optimizer=optimizer, gradient_checkpointing=True,
         data=SimpleNamespace(seed=0),
         lora=SimpleNamespace(r=64, alpha=16, dropout=0.05, target_modules=TARGETS),
@@ -155,10 +163,13 @@ def run_cell(recipe: str, seq_len: int, batch: int, quick: bool, cpu: bool, cap_
     from transformers import TrainerCallback
 
     cuda = not cpu
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    gpus = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 when started by the scaling mode's launcher
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), 0)
+        torch.cuda.set_device(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
     compute_dtype = torch.bfloat16 if cuda else torch.float32
     optimizer = "paged_adamw_32bit" if cuda else "adamw_torch"
     shape = SHAPE_QUICK if quick else SHAPE_22B
@@ -179,20 +190,20 @@ def run_cell(recipe: str, seq_len: int, batch: int, quick: bool, cpu: bool, cap_
             self._sync()
             self.times.append(time.perf_counter() - self.start)
 
-    result = {"recipe": recipe, "seq": seq_len, "batch": batch, "status": "ok"}
+    result = {"recipe": recipe, "seq": seq_len, "batch": batch, "gpus": gpus, "rank": rank, "status": "ok"}
     clock = StepClock()
     build_start = time.perf_counter()
     try:
         model = build_random_nf4_llama(shape, seed=0, device=device, compute_dtype=compute_dtype)
         result["build_s"] = round(time.perf_counter() - build_start, 1)
-        dataset = RandomBlocks((warmup + steps) * batch, seq_len, shape["vocab_size"], seed=0)
+        dataset = RandomBlocks((warmup + steps) * batch * gpus, seq_len, shape["vocab_size"], seed=0)
         torch.manual_seed(0)  # the LoRA initialization: the same for both recipes
         with tempfile.TemporaryDirectory() as out_dir:
             if recipe == "stage":
                 from train.model import prepare_for_training
                 from train.trainer import build_trainer
 
-                settings = stage_settings(seq_len, warmup + steps, optimizer, batch)
+                settings = stage_settings(seq_len, warmup + steps, optimizer, batch, gpus)
                 model = prepare_for_training(model, settings.lora, settings.gradient_checkpointing, settings.recipe)
                 trainer = build_trainer(model, dataset, settings, Path(out_dir), seed=0, device=device)
             else:
@@ -201,7 +212,7 @@ def run_cell(recipe: str, seq_len: int, batch: int, quick: bool, cpu: bool, cap_
             trainer.train()
         timed = clock.times[warmup:]
         result["step_s"] = round(statistics.mean(timed), 3)
-        result["tokens_per_s"] = round(batch * seq_len / statistics.mean(timed), 1)
+        result["tokens_per_s"] = round(gpus * batch * seq_len / statistics.mean(timed), 1)  # all GPUs' tokens
         result["losses"] = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
     except (torch.OutOfMemoryError, RuntimeError) as err:  # bitsandbytes reports some OOMs as RuntimeError
         if "out of memory" not in str(err).lower():
@@ -215,8 +226,19 @@ def run_cell(recipe: str, seq_len: int, batch: int, quick: bool, cpu: bool, cap_
 
 # ---- the driver: every cell in a subprocess, then the table ----------------------------------------------
 
-def run_cell_subprocess(recipe: str, seq_len: int, batch: int, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", recipe, str(seq_len), str(batch), "--cap-gib", str(args.cap_gib),
+def launcher_command(gpus: int, folder: str) -> list[str]:
+    """accelerate launch with the accelerate config the train stage writes for `gpus` DDP processes."""
+    import yaml
+
+    from train.launch import accelerate_config
+
+    config_file = Path(folder) / "accelerate_config.yaml"
+    config_file.write_text(yaml.safe_dump(accelerate_config(SimpleNamespace(num_gpus=gpus, distributed="ddp"))))
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+
+
+def run_cell_subprocess(recipe: str, seq_len: int, batch: int, args: argparse.Namespace, gpus: int = 1) -> dict:
+    command = [__file__, "--worker", recipe, str(seq_len), str(batch), "--cap-gib", str(args.cap_gib),
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
     command += ["--quick"] if args.quick else []
     command += ["--cpu"] if args.cpu else []
@@ -224,10 +246,17 @@ def run_cell_subprocess(recipe: str, seq_len: int, batch: int, args: argparse.Na
     if not args.cpu:
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     started = time.perf_counter()
-    try:
-        process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.cell_timeout)
-    except subprocess.TimeoutExpired:
-        process = None
+    with tempfile.TemporaryDirectory() as folder:
+        if gpus > 1:
+            command = [*launcher_command(gpus, folder), *command]
+        else:
+            command = [sys.executable, *command]
+            if args.num_gpus > 1 and not args.cpu:  # the 1-GPU baseline of the scaling mode: the first GPU alone
+                env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        try:
+            process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.cell_timeout)
+        except subprocess.TimeoutExpired:
+            process = None
     lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)] if process else []
     if lines:
         result = json.loads(lines[-1][len(RESULT):])
@@ -238,8 +267,10 @@ def run_cell_subprocess(recipe: str, seq_len: int, batch: int, args: argparse.Na
         tail = (process.stderr or process.stdout).strip().splitlines()[-1:] or ["no output"]
         status = "out of memory" if "out of memory" in process.stderr.lower() else f"crashed: {tail[0][:120]}"
         result = {"recipe": recipe, "seq": seq_len, "batch": batch, "status": status}
+    result["gpus"] = gpus
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    print(f"[train_bench] {recipe} seq {seq_len} batch {batch}: {result.get('status')} "
+    on_gpus = f" on {gpus} {'CPU processes' if args.cpu else 'GPUs'}" if args.num_gpus > 1 else ""
+    print(f"[train_bench] {recipe} seq {seq_len} batch {batch}{on_gpus}: {result.get('status')} "
           f"{result.get('tokens_per_s', '-')} tok/s, peak {result.get('peak_allocated_gib', '-')} GiB "
           f"({result['wall_s']} s)", flush=True)
     return result
@@ -282,6 +313,38 @@ def summary_line(results: list[dict], short_seq: int, long_seq: int) -> str:
     return f"train_bench: seq{short_seq} speedup {speedup} vs plain; seq{long_seq} fits {fits} (peak {peak_text})"
 
 
+def format_scaling_table(results: list[dict]) -> str:
+    lines = ["| GPUs | seq | micro-batch per GPU | tokens/s (all GPUs) | step s | peak allocated GiB (GPU 0) "
+             "| status |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['gpus']} | {r['seq']} | {r['batch']} | {r.get('tokens_per_s', '-')} | "
+                     f"{r.get('step_s', '-')} | {r.get('peak_allocated_gib', '-')} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def scaling_line(results: list[dict], gpus: int) -> str:
+    """tokens/s on `gpus` GPUs over tokens/s on one, same per-GPU micro-batch: the data-parallel scaling."""
+    speed = {r["gpus"]: r["tokens_per_s"] for r in results if r["status"] == "ok"}
+    ratio = f"{speed[gpus] / speed[1]:.2f}x" if gpus in speed and 1 in speed else "n/a"
+    return f"train_bench: {gpus}-GPU scaling {ratio} vs 1 GPU (data-parallel)"
+
+
+def run_scaling(args: argparse.Namespace) -> list[dict]:
+    """The stage's recipe on 1 GPU, then on `args.num_gpus`, at the shortest seq and micro-batch --stage-batch."""
+    seq = (args.seq or [256 if args.quick else 2048])[0]
+    shape = SHAPE_QUICK if args.quick else SHAPE_22B
+    print(f"[train_bench] data-parallel scaling: shape {shape}, seq {seq}, micro-batch {args.stage_batch} per "
+          f"{'CPU process' if args.cpu else 'GPU'}, cap {args.cap_gib} GiB per GPU, {args.warmup} warm-up + "
+          f"{args.steps} timed steps, LoRA r=64 on {len(TARGETS)} projections", flush=True)
+    results = [run_cell_subprocess("stage", seq, args.stage_batch, args, gpus) for gpus in (1, args.num_gpus)]
+    print()
+    print(format_scaling_table(results))
+    print()
+    print(scaling_line(results, args.num_gpus) + (" [CPU processes: a check of the script, not a measurement]"
+                                                   if args.cpu else ""))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shape and short sequences (checks the script)")
@@ -296,13 +359,25 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--stage-batch", type=int, default=2,
                         help="also time the stage at this micro-batch at the shortest seq (what the 22b configs use)")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="measure data-parallel scaling from 1 to this many GPUs instead (the stage's recipe)")
     parser.add_argument("--worker", nargs=3, metavar=("RECIPE", "SEQ", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         recipe, seq, batch = args.worker
         result = run_cell(recipe, int(seq), int(batch), args.quick, args.cpu, args.cap_gib, args.warmup, args.steps)
-        print(RESULT + json.dumps(result), flush=True)
+        if result["rank"] == 0:
+            print(RESULT + json.dumps(result), flush=True)
+        if result["gpus"] > 1:  # as the stage's workers do: a process group's destructor can hang on exit
+            sys.stdout.flush()
+            os._exit(0)
+        return
+
+    if args.num_gpus > 1:
+        results = run_scaling(args)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
         return
 
     seqs = args.seq or ([256, 512] if args.quick else [2048, 4096])
