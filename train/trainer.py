@@ -217,8 +217,8 @@ class QLoRATrainer(Trainer):
         seed = restart_rng(self.args.seed, self.state.global_step, self.args.process_index)
         if self.args.should_save:
             log.info("train: %s was written by %d process(es) and resumes on %d; each process restarts its random "
-                     "streams (dropout) from a seed of (seed, step, process), e.g. %d", checkpoint, written_by,
-                     self.args.world_size, seed)
+                     "streams (dropout) from a seed of (seed, step, process) (%d for this one)", checkpoint,
+                     written_by, self.args.world_size, seed)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
