@@ -37,7 +37,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE"
        "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
 
 
-def stage_config(run_dir: Path, model_dir: Path, **train_overrides) -> dict:
+def stage_config(run_dir: Path, model_dir: Path) -> dict:
+    """Plain LoRA (no 4-bit: the launch path is under test, and tests/test_train_4bit.py covers NF4), no dropout."""
     train = {
         "model": str(model_dir), "max_steps": STEPS, "save_steps": 2, "seq_len": SEQ_LEN, "grad_accum": GRAD_ACCUM,
         "quantization": "none", "gradient_checkpointing": False, "learning_rate": 0.01, "warmup_ratio": 0.0,
@@ -46,7 +47,6 @@ def stage_config(run_dir: Path, model_dir: Path, **train_overrides) -> dict:
         "watchdog": {"enabled": False},
         "wandb": {"mode": "offline"},
     }
-    train.update(train_overrides)
     return {"run_dir": str(run_dir), "seed": 0, "train": train}
 
 
