@@ -60,6 +60,21 @@ def write_tiny_llama(
     return folder
 
 
+def kill_after_first_checkpoint(process, train_dir: Path, timeout: float) -> None:
+    """SIGKILL a training run as soon as it has a complete checkpoint; it must not end before that."""
+    import signal
+    import time
+
+    from train.trainer import newest_complete_checkpoint
+
+    deadline = time.monotonic() + timeout
+    while newest_complete_checkpoint(train_dir) is None:
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 @pytest.fixture
 def tiny_llama(tmp_path: Path) -> Callable[..., Path]:
     """Factory: tiny_llama("name", hidden_size=48, ...) -> a real HF folder under tmp_path."""

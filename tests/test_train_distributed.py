@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import copy_tokenizer, write_tiny_llama
+from conftest import copy_tokenizer, kill_after_first_checkpoint, write_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from pipeline.runs import read_manifest
@@ -94,7 +93,7 @@ def tiny_model(tmp_path_factory, smollm2_dir) -> Path:
     return copy_tokenizer(smollm2_dir, folder)
 
 
-def kill_after_first_checkpoint(config: Path, processes: int) -> Path:
+def kill_launcher_after_first_checkpoint(config: Path, processes: int) -> Path:
     """Start `python -m train` on `processes` processes, aimed far past STEPS (with no warmup its schedule is the
     same), SIGKILL it (only it, not its workers) once a checkpoint is complete, check nothing it started lives on;
     returns the checkpoint (rotation deletes it later)."""
@@ -102,12 +101,7 @@ def kill_after_first_checkpoint(config: Path, processes: int) -> Path:
     args = ["-m", "train", "--config", str(config), "--set", "train.max_steps=100000",
             "--set", f"train.num_gpus={processes}"]
     launcher = run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while newest_complete_checkpoint(train_dir) is None:
-        assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    os.kill(launcher.pid, signal.SIGKILL)
-    launcher.wait()
+    kill_after_first_checkpoint(launcher, train_dir, timeout=180)
     deadline = time.monotonic() + 10
     while processes_running(str(config)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -122,7 +116,7 @@ def kill_after_first_checkpoint(config: Path, processes: int) -> Path:
 def one_then_two(tmp_path_factory, tiny_model) -> tuple[Path, Path, str]:
     """(train folder, the checkpoint the killed one-process run left, output of the two-process resumption)."""
     config = write_config(tmp_path_factory.mktemp("one_then_two"), tiny_model)
-    killed_at = kill_after_first_checkpoint(config, processes=1)
+    killed_at = kill_launcher_after_first_checkpoint(config, processes=1)
     resumed = finish(["-m", "pipeline", "run", str(config), "--only", "train", "--num-gpus", "2"])
     return config.parent / "run" / "train", killed_at, resumed
 
@@ -131,7 +125,7 @@ def one_then_two(tmp_path_factory, tiny_model) -> tuple[Path, Path, str]:
 def two_then_one(tmp_path_factory, tiny_model) -> tuple[Path, Path, str]:
     """(train folder, the checkpoint the killed two-process run left, output of the one-process resumption)."""
     config = write_config(tmp_path_factory.mktemp("two_then_one"), tiny_model)
-    killed_at = kill_after_first_checkpoint(config, processes=2)
+    killed_at = kill_launcher_after_first_checkpoint(config, processes=2)
     resumed = finish(["-m", "train", "--config", str(config)])
     return config.parent / "run" / "train", killed_at, resumed
 

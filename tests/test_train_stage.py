@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import copy_tokenizer, write_tiny_llama
+from conftest import copy_tokenizer, kill_after_first_checkpoint, write_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import load_config
@@ -120,12 +118,7 @@ def test_sigkilled_run_resumes_with_the_same_losses_and_wandb_run(tmp_path, tiny
     # is the same constant one.
     process = run_stage(config, "--set", "train.max_steps=100000", stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while newest_complete_checkpoint(train_dir) is None:
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_first_checkpoint(process, train_dir, timeout=240)
     killed_at = newest_complete_checkpoint(train_dir)
     assert killed_at is not None and int(killed_at.name.split("-")[1]) < MAX_STEPS
     assert read_manifest(train_dir) is None
