@@ -75,6 +75,18 @@ def kill_after_first_checkpoint(process, train_dir: Path, timeout: float) -> Non
     process.wait()
 
 
+def assert_merged_export_differs_from_base(train_dir: Path, base_dir: Path) -> None:
+    """The train stage exported an adapter and a merged model whose logits moved away from the base's."""
+    from transformers import AutoModelForCausalLM
+
+    assert (train_dir / "adapter" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(train_dir / "merged", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    ids = torch.tensor([[1, 500, 900, 42, 7]])
+    with torch.no_grad():
+        assert not torch.allclose(merged(ids).logits, base(ids).logits)
+
+
 @pytest.fixture
 def tiny_llama(tmp_path: Path) -> Callable[..., Path]:
     """Factory: tiny_llama("name", hidden_size=48, ...) -> a real HF folder under tmp_path."""

@@ -21,8 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import copy_tokenizer, kill_after_first_checkpoint, write_tiny_llama
-from transformers import AutoModelForCausalLM
+from conftest import (
+    assert_merged_export_differs_from_base,
+    copy_tokenizer,
+    kill_after_first_checkpoint,
+    write_tiny_llama,
+)
 
 from pipeline.runs import read_manifest
 from train.__main__ import main as train_main
@@ -145,12 +149,7 @@ def test_two_processes_train_with_the_global_batch_and_resume_a_one_process_chec
         "rng_state_0.pth", "rng_state_1.pth"]
 
     # One export, by the main process: the adapter and a merged model that differs from the base.
-    assert (train_dir / "adapter" / "adapter_model.safetensors").is_file()
-    merged = AutoModelForCausalLM.from_pretrained(train_dir / "merged", dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    ids = torch.tensor([[1, 500, 900, 42, 7]])
-    with torch.no_grad():
-        assert not torch.allclose(merged(ids).logits, base(ids).logits)
+    assert_merged_export_differs_from_base(train_dir, tiny_model)
     assert not list(train_dir.glob("*.tmp-*"))
 
     # One wandb run: one id, and one run folder per start (the two-process start made one, not two).

@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from conftest import copy_tokenizer, kill_after_first_checkpoint, write_tiny_llama
-from transformers import AutoModelForCausalLM
+from conftest import (
+    assert_merged_export_differs_from_base,
+    copy_tokenizer,
+    kill_after_first_checkpoint,
+    write_tiny_llama,
+)
 
 from pipeline.config import load_config
 from pipeline.runs import read_manifest, stage_fingerprint
@@ -93,12 +96,7 @@ def test_tiny_model_trains_its_loss_falls_and_the_stage_exports(finished_run, ti
 
     heldout = [json.loads(line) for line in (train_dir / "heldout.jsonl").read_text().splitlines()]
     assert heldout and all(set(record) == {"text"} and record["text"] for record in heldout)
-    assert (train_dir / "adapter" / "adapter_model.safetensors").is_file()
-    merged = AutoModelForCausalLM.from_pretrained(train_dir / "merged", dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    ids = torch.tensor([[1, 500, 900, 42, 7]])
-    with torch.no_grad():
-        assert not torch.allclose(merged(ids).logits, base(ids).logits)
+    assert_merged_export_differs_from_base(train_dir, tiny_model)
     checkpoints = sorted(p.name for p in train_dir.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-16", "checkpoint-20", "checkpoint-24"]  # save_total_limit 3
 
