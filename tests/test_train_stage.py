@@ -92,6 +92,9 @@ def test_tiny_model_trains_its_loss_falls_and_the_stage_exports(finished_run, ti
     assert last < first - 0.5, loss
     logged = json.loads((train_dir / "log_history.json").read_text())
     assert all(entry["tokens_per_second"] > 0 for entry in logged if "loss" in entry and entry["step"] > 1)
+    train = load_config(config).train
+    tokens_per_step = train.batch_size * train.grad_accum * train.seq_len
+    assert all(entry["tokens_seen"] == entry["step"] * tokens_per_step for entry in logged if "loss" in entry)
     assert all("grad_norm" in entry and "learning_rate" in entry for entry in logged if "loss" in entry)
 
     heldout = [json.loads(line) for line in (train_dir / "heldout.jsonl").read_text().splitlines()]

@@ -115,7 +115,6 @@ def training_arguments(train: TrainConfig, out_dir: Path, seed: int, device: tor
         weight_decay=0.0,
         optim=optimizer_name(train.optimizer, device),
         gradient_accumulation_steps=grad_accum_per_process(train.grad_accum, world_size()),
-        include_num_input_tokens_seen="all",  # counted over all processes: the global batch, as logged
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient every step
         bf16=cuda,
         use_cpu=not cuda,
@@ -193,10 +192,16 @@ def restart_rng(seed: int, step: int, process_index: int) -> int:
 
 
 class QLoRATrainer(Trainer):
-    """The HF Trainer plus throughput and memory in each log, and a clean stop on a non-finite loss."""
+    """The HF Trainer plus throughput, tokens seen and memory in each log, and a clean stop on a non-finite loss.
+
+    Tokens seen are steps x the global batch's tokens (every block is full). The Trainer's own counter
+    (include_num_input_tokens_seen) gathers a count from every process and reads it on the host before each
+    micro-batch: a GPU sync per micro-batch, which transformers documents as slower in distributed training.
+    """
 
     def __init__(self, *args, tokens_per_step: int, **kwargs):
         super().__init__(*args, **kwargs)
+        self.tokens_per_step = tokens_per_step
         self.throughput = ThroughputMeter(tokens_per_step)
         self.add_callback(self.throughput)
         self.add_callback(CheckpointProcesses())
@@ -225,6 +230,7 @@ class QLoRATrainer(Trainer):
             speed = self.throughput.tokens_per_second(self.state.global_step)
             if speed is not None:
                 logs["tokens_per_second"] = round(speed, 2)
+            logs["tokens_seen"] = self.state.global_step * self.tokens_per_step
             if torch.cuda.is_available():
                 logs["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             if not math.isfinite(logs["loss"]) and self.non_finite_step is None:
