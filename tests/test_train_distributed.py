@@ -31,6 +31,7 @@ from conftest import (
 from pipeline.runs import read_manifest
 from train.__main__ import main as train_main
 from train.trainer import checkpoint_processes, newest_complete_checkpoint
+from train.world import keep_one_process_on_one_gpu
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -197,3 +198,14 @@ def test_a_setting_two_processes_cannot_run_fails_with_one_line_before_any_work(
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
     assert not (tmp_path / "run").exists()
 
+
+@pytest.mark.parametrize(("visible", "kept"), [(None, "0"), ("2,3", "2"), ("1", "1"), ("", "")],
+                         ids=["all-visible", "a-list", "one-already", "none"])
+def test_a_single_training_process_sees_at_most_one_gpu(monkeypatch, visible, kept):
+    """Otherwise the HF Trainer runs torch.nn.DataParallel over every visible GPU inside the one process."""
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    keep_one_process_on_one_gpu()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == kept

@@ -12,7 +12,13 @@ import sys
 
 from pipeline.config import load_config
 from pipeline.errors import EXIT_USER_ERROR, UserError, run_cli
-from train.world import die_with_parent, is_secondary_process, run_worker, under_launcher
+from train.world import (
+    die_with_parent,
+    is_secondary_process,
+    keep_one_process_on_one_gpu,
+    run_worker,
+    under_launcher,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         if needs_launch(config.train):
             stage_args = ["--config", args.config, *(f"--set={assignment}" for assignment in args.overrides)]
             return launch_train(config, args.resume, stage_args)
+        if not under_launcher():
+            keep_one_process_on_one_gpu()
         run_train(config, resume=args.resume)
         return 0
 

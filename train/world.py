@@ -65,6 +65,19 @@ def grad_accum_per_process(grad_accum: int, processes: int) -> int:
     return grad_accum // processes
 
 
+def keep_one_process_on_one_gpu() -> None:
+    """Show a training process that runs alone only the first visible GPU; call it before CUDA starts.
+
+    With several GPUs visible and no launcher, the HF Trainer falls back to torch.nn.DataParallel inside the one
+    process: a replica of the 4-bit model on every GPU at every step, and a loss scaled by the GPU count (seen on
+    a 2-GPU H200: every logged loss doubled, so the 2 -> 1 GPU resumption no longer matched). More GPUs are used
+    through train.num_gpus, one process each.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or "," in visible:
+        os.environ["CUDA_VISIBLE_DEVICES"] = (visible or "0").split(",")[0]
+
+
 def join_world():
     """This process's place among the workers (a single process is a world of one); initializes the process group.
 
