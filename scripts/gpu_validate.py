@@ -12,7 +12,12 @@ run id and logged the reference losses at every step (within --rtol: CUDA kernel
 deterministic); the loss fell; the merged model loads and generates on the GPU. Logs, configs and a
 summary.json go to LOGDIR; the exit code is 0 only if every check passed.
 
+`--num-gpus N` runs the first two on N GPUs and `--resume-gpus M` resumes on M (checkpoints written on N GPUs
+must resume on M), `--distributed fsdp` under FSDP instead of data-parallel.
+
     python scripts/gpu_validate.py LOGDIR [--model smollm2-135m-instruct] [--steps 40] [--wandb offline]
+    python scripts/gpu_validate.py LOGDIR --num-gpus 2 --resume-gpus 1     # 2 -> 1 GPUs, data-parallel
+    python scripts/gpu_validate.py LOGDIR --num-gpus 2 --distributed fsdp  # FSDP QLoRA, 2 -> 2 GPUs
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 
 def write_config(path: Path, run_dir: Path, model: str, steps: int, seq_len: int, wandb_mode: str,
-                 watchdog: bool) -> Path:
+                 watchdog: bool, num_gpus: int, distributed: str) -> Path:
     import yaml
 
     config = {
@@ -45,6 +50,8 @@ def write_config(path: Path, run_dir: Path, model: str, steps: int, seq_len: int
             "batch_size": 1,
             "grad_accum": 2,
             "quantization": "nf4",
+            "num_gpus": num_gpus,
+            "distributed": distributed,
             "gradient_checkpointing": True,
             "learning_rate": 2.0e-4,
             "warmup_ratio": 0.0,  # the killed run aims past `steps`: with no warmup both follow one schedule
@@ -79,7 +86,11 @@ def main() -> int:
     parser.add_argument("--rtol", type=float, default=2e-2, help="resumed vs uninterrupted loss, per step")
     parser.add_argument("--wandb", choices=["offline", "disabled"], default="offline")
     parser.add_argument("--no-watchdog", action="store_true", help="for random-weight models, which loop by nature")
+    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs of the uninterrupted and the killed run")
+    parser.add_argument("--resume-gpus", type=int, help="GPUs of the resumed run (default: --num-gpus)")
+    parser.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp")
     args = parser.parse_args()
+    args.resume_gpus = args.resume_gpus or args.num_gpus
 
     import torch
 
@@ -89,22 +100,22 @@ def main() -> int:
     logdir = args.logdir.resolve()
     logdir.mkdir(parents=True, exist_ok=True)
     checks: dict[str, bool] = {}
-    notes: dict[str, object] = {"model": args.model, "steps": args.steps}
+    notes: dict[str, object] = {"model": args.model, "steps": args.steps, "num_gpus": args.num_gpus,
+                                "resume_gpus": args.resume_gpus, "distributed": args.distributed}
     if not torch.cuda.is_available():
         print("gpu_validate: no CUDA device visible; this script validates the GPU path", file=sys.stderr)
         return 2
     notes["device"] = torch.cuda.get_device_name(0)
 
-    reference = write_config(logdir / "uninterrupted.yaml", logdir / "run-uninterrupted", args.model, args.steps,
-                             args.seq_len, args.wandb, not args.no_watchdog)
+    settings = (args.steps, args.seq_len, args.wandb, not args.no_watchdog, args.num_gpus, args.distributed)
+    reference = write_config(logdir / "uninterrupted.yaml", logdir / "run-uninterrupted", args.model, *settings)
     started = time.perf_counter()
     code = start_stage(reference, logdir / "uninterrupted.log", "--no-resume").wait()
     notes["uninterrupted_s"] = round(time.perf_counter() - started, 1)
     checks["uninterrupted run exits 0"] = code == 0
     reference_dir = logdir / "run-uninterrupted" / "train"
 
-    killed = write_config(logdir / "killed.yaml", logdir / "run-killed", args.model, args.steps, args.seq_len,
-                          args.wandb, not args.no_watchdog)
+    killed = write_config(logdir / "killed.yaml", logdir / "run-killed", args.model, *settings)
     train_dir = logdir / "run-killed" / "train"
     process = start_stage(killed, logdir / "killed.log", "--no-resume", "--set", "train.max_steps=100000")
     deadline = time.monotonic() + 900
@@ -121,7 +132,7 @@ def main() -> int:
     run_id_file = train_dir / "wandb_run_id"
     run_id_before = run_id_file.read_text().strip() if run_id_file.is_file() else None
 
-    code = start_stage(killed, logdir / "resumed.log").wait()
+    code = start_stage(killed, logdir / "resumed.log", "--set", f"train.num_gpus={args.resume_gpus}").wait()
     checks["resumed run exits 0"] = code == 0
     resumed_log = (logdir / "resumed.log").read_text()
     checks["resumed from the checkpoint"] = killed_at is not None and f"resuming from {killed_at}" in resumed_log
@@ -130,8 +141,9 @@ def main() -> int:
         checks["same wandb run id after resume"] = run_id_before is not None and run_id_before == run_id_after
 
     manifest = read_manifest(train_dir) or {}
-    checks["manifest says cuda and nf4"] = manifest.get("device", "").startswith("cuda") and (
-        manifest.get("quantization") == "nf4"
+    checks["manifest says cuda, nf4 and the resumed run's GPU count"] = (
+        manifest.get("device", "").startswith("cuda") and manifest.get("quantization") == "nf4"
+        and manifest.get("processes") == args.resume_gpus and manifest.get("distributed") == args.distributed
     )
     if checks["uninterrupted run exits 0"] and checks["resumed run exits 0"]:
         expected, got = losses(reference_dir), losses(train_dir)
@@ -150,6 +162,15 @@ def main() -> int:
         notes["peak_gpu_memory_gib"] = max(peaks) if peaks else None
         notes["median_tokens_per_second"] = sorted(speeds)[len(speeds) // 2] if speeds else None
         checks["tokens/s and peak GPU memory logged"] = bool(peaks) and bool(speeds)
+
+        from pipeline.checkpoint import CheckpointReader
+
+        # An export of the untouched base would still load and generate: the trained weights must differ from it.
+        base, exported = CheckpointReader(Path(manifest["model"])), CheckpointReader(train_dir / "merged")
+        adapted = [name for name in base.names if name.endswith("q_proj.weight")]
+        checks["merged weights differ from the base"] = bool(adapted) and all(
+            not torch.equal(base.get(name), exported.get(name)) for name in adapted
+        )
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
