@@ -17,11 +17,11 @@ from train.export import merge_adapter, save_adapter
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def random_adapter(base_dir, r: int, alpha: float, seed: int = 0):
+def random_adapter(base_dir, r: int, alpha: float, seed: int = 0, task_type: str | None = None):
     """A peft model on the base with random (nonzero) A and B, as after some training."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False, task_type=task_type)
     return get_peft_model(model, config)
 
 
@@ -62,3 +62,26 @@ def test_merge_refuses_an_adapter_for_another_model(tiny_llama, tmp_path):
     with pytest.raises(UserError, match=r"adapter for model\.layers\.0\..* is .* the base is"):
         merge_adapter(other, adapter_dir, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_an_adapter_picked_from_a_gathered_state_dict_is_the_one_peft_saves(tiny_llama, tmp_path):
+    """FSDP's export path (the full state dict gathered from the shards) writes what peft's own save writes."""
+    from safetensors.torch import load_file
+
+    peft_model = random_adapter(tiny_llama("base"), r=2, alpha=4, task_type="CAUSAL_LM")  # as the stage trains
+    by_peft = save_adapter(peft_model, tmp_path / "by_peft")
+    by_name = save_adapter(peft_model, tmp_path / "by_name", state_dict=peft_model.state_dict())
+    want, got = load_file(by_peft / "adapter_model.safetensors"), load_file(by_name / "adapter_model.safetensors")
+    assert sorted(got) == sorted(want) and len(want) == 2 * 2 * len(TARGETS)
+    assert all(torch.equal(got[key], want[key]) for key in want)
+    configs = [json.loads((folder / "adapter_config.json").read_text()) for folder in (by_name, by_peft)]
+    for config in configs:
+        config["target_modules"] = sorted(config["target_modules"])  # a set in peft: its order varies
+    assert configs[0] == configs[1]
+
+
+def test_an_adapter_without_lora_tensors_is_never_exported(tiny_llama, tmp_path):
+    peft_model = random_adapter(tiny_llama("base"), r=2, alpha=4)
+    with pytest.raises(RuntimeError, match="holds no LoRA tensors"):
+        save_adapter(peft_model, tmp_path / "adapter", state_dict={"base_model.model.lm_head.weight": torch.ones(2)})
+    assert not (tmp_path / "adapter").exists()

@@ -9,6 +9,7 @@ rounding error is not baked into the result.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import CheckpointReader, ShardedWriter, TensorSpec, parse_size
 from pipeline.errors import UserError
 from pipeline.runs import atomic_output_dir
+from train.fsdp_adapter import adapter_file_entries, lora_entries
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +41,23 @@ MODEL_FOLDER_FILES = (
 def save_adapter(peft_model, adapter_dir: Path, state_dict: dict | None = None) -> Path:
     """The trained adapter as peft writes it (adapter_config.json + adapter_model.safetensors), atomically.
 
-    `state_dict`: the model's full state gathered from the processes that hold its shards (FSDP), of which peft
-    keeps the adapter's tensors; None reads the weights from `peft_model` itself.
+    `state_dict`: the model's full state gathered from the processes that hold its shards (FSDP); its LoRA
+    tensors are picked by name (train/fsdp_adapter.py says why peft cannot pick them there). None: peft saves
+    the weights of `peft_model` itself. An adapter without LoRA tensors is an error, never a silent export.
     """
     with atomic_output_dir(adapter_dir, force=True) as tmp:
-        peft_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if state_dict is None:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            name = peft_model.active_adapter
+            tensors = {key: value.contiguous() for key, value in adapter_file_entries(state_dict, name).items()}
+            save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+            config = copy.deepcopy(peft_model.peft_config[name])
+            config.inference_mode = True  # as peft's own save_pretrained writes it
+            config.save_pretrained(tmp)
+        with safe_open(tmp / ADAPTER_WEIGHTS, framework="pt") as saved:
+            if not lora_entries(dict.fromkeys(saved.keys())):
+                raise RuntimeError(f"export: the adapter written to {adapter_dir} holds no LoRA tensors")
     log.info("export: adapter saved to %s", adapter_dir)
     return adapter_dir
 

@@ -230,6 +230,7 @@ def run_train(config: RunConfig, resume: bool = True) -> Path:
 
     from train.data import prepare_corpus
     from train.export import merge_adapter, save_adapter
+    from train.fsdp_adapter import FsdpAdapterCheckpoints
     from train.model import load_for_training, training_device
     from train.trainer import WandbLogging, build_trainer, newest_complete_checkpoint, run_training
     from train.world import join_world
@@ -252,7 +253,8 @@ def run_train(config: RunConfig, resume: bool = True) -> Path:
         set_seed(config.seed)
         model = load_for_training(model_dir, train, device)
         resume_from = newest_complete_checkpoint(out_dir) if resume else None
-        callbacks = [WandbLogging(run)] if run else []
+        callbacks = [FsdpAdapterCheckpoints(resume_from)] if train.distributed == "fsdp" else []
+        callbacks += [WandbLogging(run)] if run else []
         watchdog = start_watchdog(train, model_dir, out_dir)
         callbacks += [watchdog] if watchdog else []
         trainer = build_trainer(model, corpus.dataset(), train, out_dir, config.seed, device, callbacks)
