@@ -4,9 +4,9 @@ Why this exists: under FSDP the HF Trainer checkpoints a peft model through acce
 asks peft which entries of the sharded state dict are the adapter's. With the decoder layers and LoRA matrices
 wrapped one by one (peft's own FSDP policy, which the Trainer applies), peft 0.21 finds none (its structural key
 prefixes keep the inner `_fsdp_wrapped_module.` segments) and peft 0.20's restore matches no parameter. An FSDP
-run then resumed with freshly initialized LoRA weights and exported an adapter without tensors, silently (seen on
-2 H200s; reproduced on CPU by tests/test_train_fsdp_adapter.py). torch's own sharded state dict names the LoRA
-tensors plainly, so they are selected by name here, which works with either peft.
+run then resumed with freshly initialized LoRA weights (seen on 2 H200s) and exported an adapter without tensors
+(reproduced on CPU with FSDP1 over gloo), silently. torch's own sharded state dict names the LoRA tensors plainly,
+so they are selected by name here, which works with either peft.
 """
 
 from __future__ import annotations
