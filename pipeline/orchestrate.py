@@ -110,6 +110,21 @@ def print_report(config: RunConfig) -> None:
         print(f"[frankenllama] wandb runs kept offline; upload them with: wandb sync {' '.join(map(str, offline))}")
 
 
+def rerun_mode(stage: str, state: str, from_scratch: bool) -> tuple[str, str | None]:
+    """(how the run line describes it, the flag that makes the stage do it) for a stage about to run.
+
+    A stale train stage keeps its checkpoints when they fit the changed config (train.max_steps raised, say):
+    the train stage itself decides, and starts over when they do not. Surgery and eval always start over.
+    """
+    if from_scratch or (state == "stale" and stage != "train"):
+        return " from scratch", "--no-resume" if stage == "train" else "--force"
+    if state == "stale":
+        return " (resuming its checkpoints if they fit this config, else from scratch)", "--resume-or-restart"
+    if state == "partial":
+        return "", "--resume" if stage == "train" else "--force"
+    return "", None
+
+
 def run_pipeline(
     config_path: str, overrides: list[str], start: str | None, only: str | None, force: bool
 ) -> int:
@@ -125,13 +140,12 @@ def run_pipeline(
         if state == "complete" and not (force or rerun_rest):
             print(f"[frankenllama] {stage}: complete for this config, skipping ({config.stage_dir(stage)})")
             continue
-        fresh = force or rerun_rest or state == "stale"
-        print(f"[frankenllama] {stage}: {state}, running{' from scratch' if fresh else ''}", flush=True)
         args = [sys.executable, "-m", stage, "--config", config_path]
         for assignment in overrides:
             args += ["--set", assignment]
-        if fresh or state == "partial":
-            args.append("--force" if stage != "train" else "--no-resume" if fresh else "--resume")
+        how, flag = rerun_mode(stage, state, force or rerun_rest)
+        print(f"[frankenllama] {stage}: {state}, running{how}", flush=True)
+        args += [flag] if flag else []
         started = time.monotonic()
         code = subprocess.call(args)
         if code != 0:

@@ -298,7 +298,8 @@ def test_a_finished_run_is_skipped_whole(crashed_run):
     assert {stage: manifest_stamp(run_dir / stage) for stage in STAGES} == before
 
 
-def test_a_changed_train_section_reruns_train_and_eval_but_not_surgery(crashed_run):
+def test_a_changed_train_section_reruns_train_and_eval_but_not_surgery_and_keeps_fitting_checkpoints(
+        crashed_run):
     run_dir, config = crashed_run["run_dir"], crashed_run["config"]
     surgery_before = manifest_stamp(run_dir / "surgery")
     eval_before = manifest_stamp(run_dir / "eval")
@@ -308,7 +309,8 @@ def test_a_changed_train_section_reruns_train_and_eval_but_not_surgery(crashed_r
     result = run_pipeline(config, "train.max_steps=4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "surgery: complete for this config, skipping" in result.stdout
-    assert "train: stale, running from scratch" in result.stdout
+    assert "train: stale, running (resuming its checkpoints if they fit this config" in result.stdout
+    assert f"checkpoint-{MAX_STEPS}) is past train.max_steps=4" in result.stderr  # a shorter run starts over
     assert "eval: complete for this config" not in result.stdout
     for stage in ("train", "eval"):
         assert re.search(rf"\[frankenllama\] {stage}: complete in \d+ s", result.stdout)
@@ -317,6 +319,15 @@ def test_a_changed_train_section_reruns_train_and_eval_but_not_surgery(crashed_r
     assert json.loads((run_dir / "train" / "manifest.json").read_text())["steps"] == 4
     assert status(config, "train.max_steps=4")[0] == dict.fromkeys(STAGES, "complete")
     assert status(config)[0] == {"surgery": "complete", "train": "stale", "eval": "stale"}
+
+    # Training longer continues from the newest checkpoint instead of starting over.
+    longer = run_pipeline(config, "train.max_steps=6")
+    assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr[-3000:]
+    assert f"resuming from {run_dir / 'train' / 'checkpoint-4'}" in longer.stderr
+    assert "starting over" not in longer.stderr
+    logged = [e["step"] for e in json.loads((run_dir / "train" / "log_history.json").read_text()) if "loss" in e]
+    assert logged == list(range(1, 7))
+    assert status(config, "train.max_steps=6")[0] == dict.fromkeys(STAGES, "complete")
 
 
 def test_a_stage_older_than_its_rebuilt_input_is_stale(tmp_path, base_model):

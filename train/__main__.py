@@ -1,4 +1,4 @@
-"""`python -m train --config FILE [--set dotted.key=value ...] [--resume | --no-resume]`.
+"""`python -m train --config FILE [--set dotted.key=value ...] [--resume | --no-resume | --resume-or-restart]`.
 
 With `train.num_gpus` > 1 (or `train.distributed: fsdp`) this process checks the input, prepares the stage folder
 and starts the workers through accelerate launch, each of which runs this same command (train/launch.py).
@@ -20,6 +20,8 @@ from train.world import (
     under_launcher,
 )
 
+RESUME_OR_RESTART = "or-restart"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -34,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the newest complete checkpoint (the default)")
     group.add_argument("--no-resume", dest="resume", action="store_false",
                        help="delete this stage's checkpoints and outputs and start over")
+    group.add_argument("--resume-or-restart", dest="resume", action="store_const", const=RESUME_OR_RESTART,
+                       help="continue when the checkpoints fit this config (only max_steps, save_steps, wandb or "
+                            "the like changed), else start over instead of refusing; what run_all does when the "
+                            "train section changed")
     return parser
 
 
@@ -49,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         from train.stage import launch_train, run_train
 
         config = load_config(args.config, args.overrides)
+        resume, restart_if_unfit = args.resume is not False, args.resume == RESUME_OR_RESTART
         if needs_launch(config.train):
             stage_args = ["--config", args.config, *(f"--set={assignment}" for assignment in args.overrides)]
-            return launch_train(config, args.resume, stage_args)
+            return launch_train(config, resume, stage_args, restart_if_unfit)
         if not under_launcher():
             keep_one_process_on_one_gpu()
-        run_train(config, resume=args.resume)
+        run_train(config, resume=resume, restart_if_unfit=restart_if_unfit)
         return 0
 
     def quiet() -> int:  # every worker meets the same user error; the main one prints it, once

@@ -96,19 +96,40 @@ def resume_settings(config: RunConfig, model_dir: Path) -> dict[str, Any]:
     }
 
 
+def changed_resume_settings(out_dir: Path, settings: dict[str, Any]) -> list[str]:
+    """The settings the checkpoints in `out_dir` were made with that differ from `settings` (none: no checkpoints)."""
+    path = out_dir / RESUME_SETTINGS
+    if not (path.is_file() and any(out_dir.glob("checkpoint-*"))):
+        return []
+    old, new = _flatten(json.loads(path.read_text())), _flatten(settings)
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
 def check_resume_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     """Refuse to continue checkpoints made with other settings; record the settings for the next resume."""
-    path = out_dir / RESUME_SETTINGS
-    if path.is_file() and any(out_dir.glob("checkpoint-*")):
-        old = _flatten(json.loads(path.read_text()))
-        new = _flatten(settings)
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        if changed:
-            raise UserError(
-                f"the checkpoints in {out_dir} were made with other settings (changed: {', '.join(changed)}); "
-                "rerun with --no-resume to start over, or restore those settings to resume"
-            )
-    write_json_atomic(path, settings)
+    changed = changed_resume_settings(out_dir, settings)
+    if changed:
+        raise UserError(
+            f"the checkpoints in {out_dir} were made with other settings (changed: {', '.join(changed)}); "
+            "rerun with --no-resume to start over, or restore those settings to resume"
+        )
+    write_json_atomic(out_dir / RESUME_SETTINGS, settings)
+
+
+def why_not_resumable(out_dir: Path, settings: dict[str, Any], max_steps: int) -> str | None:
+    """Why the checkpoints in `out_dir` cannot continue this config's run, or None if they can (or there are none).
+
+    Besides changed settings: a newest checkpoint past train.max_steps (the config asks for a shorter run).
+    """
+    from train.trainer import checkpoint_step, newest_complete_checkpoint
+
+    changed = changed_resume_settings(out_dir, settings)
+    if changed:
+        return f"its checkpoints were made with other settings (changed: {', '.join(changed)})"
+    newest = newest_complete_checkpoint(out_dir)
+    if newest is not None and checkpoint_step(newest) > max_steps:
+        return f"its newest checkpoint ({newest.name}) is past train.max_steps={max_steps}"
+    return None
 
 
 def publish_heldout(source: Path, out_dir: Path) -> Path:
@@ -168,10 +189,12 @@ def preflight(config: RunConfig, resume: bool) -> Preflight:
     return Preflight(model_dir, fingerprint, complete)
 
 
-def prepare_stage_folder(config: RunConfig, model_dir: Path, resume: bool):
+def prepare_stage_folder(config: RunConfig, model_dir: Path, resume: bool, restart_if_unfit: bool = False):
     """The main process's work before training: the data slice, the stage folder, its settings and held-out file.
 
-    Returns the prepared corpus. Idempotent, so a launching process and then the main worker may both run it.
+    `restart_if_unfit`: start over, instead of refusing, when the checkpoints cannot continue this config's run
+    (the orchestrator's choice for a train stage whose config changed). Returns the prepared corpus. Idempotent,
+    so a launching process and then the main worker may both run it.
     """
     from train.data import prepare_corpus
     from train.trainer import remove_incomplete_checkpoints
@@ -179,22 +202,26 @@ def prepare_stage_folder(config: RunConfig, model_dir: Path, resume: bool):
     out_dir, train = config.stage_dir("train"), config.train
     # The data first: unreadable sources or a slice larger than them fail before this stage's folder is touched.
     corpus = prepare_corpus(train.data, train.seq_len, model_dir, config.run_dir / "data")
+    settings = resume_settings(config, model_dir)
     if not resume and out_dir.exists():
         log.info("train: --no-resume, deleting the previous checkpoints and outputs in %s", out_dir)
         shutil.rmtree(out_dir)
+    elif restart_if_unfit and (reason := why_not_resumable(out_dir, settings, train.max_steps)):
+        log.info("train: starting over in %s: %s", out_dir, reason)
+        shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_resume_settings(out_dir, resume_settings(config, model_dir))
+    check_resume_settings(out_dir, settings)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the folder is a run in progress
     publish_heldout(corpus.heldout_path, out_dir)
     remove_incomplete_checkpoints(out_dir)
     return corpus
 
 
-def launch_train(config: RunConfig, resume: bool, stage_args: list[str]) -> int:
+def launch_train(config: RunConfig, resume: bool, stage_args: list[str], restart_if_unfit: bool = False) -> int:
     """The stage as `train.num_gpus` worker processes; `stage_args` are what each worker's `python -m train` gets.
 
     The checks and the main-process preparation run here first, so bad input fails once, with one line, before
-    any worker starts; the workers are then told to resume (a --no-resume has already cleared the folder).
+    any worker starts; the workers are then told to resume (a restart has already cleared the folder).
     """
     from train.launch import check_gpus, launch_workers
 
@@ -202,7 +229,7 @@ def launch_train(config: RunConfig, resume: bool, stage_args: list[str]) -> int:
     if checked.complete:
         return 0
     cuda = check_gpus(config.train)
-    prepare_stage_folder(config, checked.model_dir, resume)
+    prepare_stage_folder(config, checked.model_dir, resume, restart_if_unfit)
     return launch_workers(config.train, config.stage_dir("train"), [*stage_args, "--resume"], cuda)
 
 
@@ -215,8 +242,11 @@ def gather_adapter_state(trainer) -> dict | None:
     return trainer.accelerator.get_state_dict(trainer.model)
 
 
-def run_train(config: RunConfig, resume: bool = True) -> Path:
-    """Run the whole stage (as a single process, or as one worker of several); returns `<run_dir>/train/`."""
+def run_train(config: RunConfig, resume: bool = True, restart_if_unfit: bool = False) -> Path:
+    """Run the whole stage (as a single process, or as one worker of several); returns `<run_dir>/train/`.
+
+    `restart_if_unfit`: see prepare_stage_folder.
+    """
     out_dir = config.stage_dir("train")
     train = config.train
     checked = preflight(config, resume)
@@ -239,7 +269,7 @@ def run_train(config: RunConfig, resume: bool = True) -> Path:
     main = world.is_main_process
     run = corpus = None
     if main:
-        corpus = prepare_stage_folder(config, model_dir, resume)
+        corpus = prepare_stage_folder(config, model_dir, resume, restart_if_unfit)
         wandb_config = {**config.model_dump(mode="json"), "processes": world.num_processes,
                         "distributed": train.distributed}
         run = start_run(train.wandb, config.run_dir, out_dir, "train", wandb_config)
