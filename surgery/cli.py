@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default with --config: <run_dir>/surgery)")
     parser.add_argument("--mode", choices=get_args(FillMode), help="fill mode of the new blocks (default readers)")
     parser.add_argument("--layer-map", choices=get_args(LayerMap), help="donor layer per target layer "
-                        "(default proportional)")
+                        "(default proportional; index with --legacy)")
     parser.add_argument("--legacy", action="store_const", const=True, default=None,
                         help="reproduce the 2023 script's output exactly (inexact; for comparing with its releases)")
     parser.add_argument("--dtype", choices=get_args(DType), help="output dtype (default bfloat16)")
@@ -134,7 +134,7 @@ def make_plan(settings: SurgeryConfig) -> SurgeryPlan:
         target,
         mode=settings.mode,
         legacy=settings.legacy,
-        layer_map=settings.layer_map,
+        layer_map=settings.layer_map if "layer_map" in settings.model_fields_set else None,
         dtype=settings.dtype,
         seed=settings.seed,
         max_shard_bytes=parse_size(settings.max_shard_size),

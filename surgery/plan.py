@@ -231,19 +231,26 @@ def build_plan(
     *,
     mode: str,
     legacy: bool,
-    layer_map: str,
+    layer_map: str | None,
     dtype: str,
     seed: int,
     max_shard_bytes: int,
 ) -> SurgeryPlan:
-    """Lay out every output tensor in checkpoint order (embed, layers, final norm, lm_head)."""
+    """Lay out every output tensor in checkpoint order (embed, layers, final norm, lm_head).
+
+    `layer_map` None: the default, proportional (index under `legacy`).
+    """
     if legacy and mode not in LEGACY_MODES:
         raise UserError(
             f"--legacy reproduces the 2023 script, which had only {' and '.join(sorted(LEGACY_MODES))}; "
             f"drop --legacy or choose one of those modes (got {mode})"
         )
-    if legacy:
-        layer_map = "index"  # the 2023 script took donor layer i for target layer i
+    if legacy and layer_map not in (None, "index"):
+        raise UserError(
+            f"--legacy reproduces the 2023 script, which took donor layer i for target layer i; drop --layer-map "
+            f"{layer_map} (or --legacy)"
+        )
+    layer_map = layer_map or ("index" if legacy else "proportional")
     donor_layers = (
         donor_layer_sources(base.num_hidden_layers, donor.num_hidden_layers, layer_map)
         if donor is not None

@@ -147,6 +147,8 @@ def test_targets_beyond_the_donor_and_shallow_donors_are_refused(tiny_llama, bas
     refused(capsys, [*argv, "--hidden-size", "64"], "target hidden_size 64 is wider than the donor's 48", out)
     refused(capsys, [*argv, "--layer-map", "index"], "use --layer-map proportional", out)
     refused(capsys, [*argv, "--mode", "block_diagonal", "--legacy"], "layer map index needs a donor", out)
+    refused(capsys, [*argv, "--mode", "block_diagonal", "--legacy", "--layer-map", "proportional"],
+            "took donor layer i for target layer i; drop --layer-map proportional", out)
 
 
 def test_missing_inputs_config_without_surgery_and_overlapping_output(base, tmp_path, capsys):
