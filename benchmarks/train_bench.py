@@ -251,7 +251,7 @@ def run_cell_subprocess(recipe: str, seq_len: int, batch: int, args: argparse.Na
             command = [*launcher_command(gpus, folder), *command]
         else:
             command = [sys.executable, *command]
-            if args.num_gpus > 1 and not args.cpu:  # the 1-GPU baseline of the scaling mode: the first GPU alone
+            if not args.cpu:  # one process, one GPU: with more visible the HF Trainer would run DataParallel
                 env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
         try:
             process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.cell_timeout)
