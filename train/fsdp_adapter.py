@@ -23,9 +23,14 @@ CHECKPOINT_ADAPTER = "fsdp_adapter"  # inside checkpoint-N/: the LoRA tensors, s
 LORA_MATRICES = (".lora_A.", ".lora_B.")
 
 
+def is_lora_key(key: str) -> bool:
+    """A LoRA matrix of a peft model (bias "none", no DoRA: what the train stage trains), in any key layout."""
+    return any(part in key for part in LORA_MATRICES)
+
+
 def lora_entries(state_dict: dict) -> dict:
-    """The LoRA matrices of a peft model's state dict (bias "none", no DoRA: what the train stage trains)."""
-    return {key: value for key, value in state_dict.items() if any(part in key for part in LORA_MATRICES)}
+    """The LoRA matrices of a peft model's state dict."""
+    return {key: value for key, value in state_dict.items() if is_lora_key(key)}
 
 
 def save_sharded_adapter(model: torch.nn.Module, folder: Path) -> None:
