@@ -172,8 +172,8 @@ def render_markdown(report: dict, samples: dict[str, list[dict]]) -> str:
             if "skipped" in p:
                 lines.append(f"| {label} | skipped: {p['skipped']} | | | |")
             else:
-                lines.append(f"| {label} | {p['max_abs_logit_delta']:.3g} | {p['mean_kl_base_to_model']:.3g} | "
-                             f"{p['top1_agreement']:.2%} | {p['tokens']} |")
+                lines.append(f"| {label} | {p['max_abs_delta']:.3g} | {p['mean_kl']:.3g} | "
+                             f"{p['top1_agreement']:.2%} | {p['positions']} |")
         lines.append("\nAn exact surgery mode shows Δ near float rounding (1e-4 in fp32), KL ~ 0 and 100% agreement.")
 
     lines += ["", "## Held-out perplexity", "", "| model | bits per byte | token perplexity | tokens | documents |",

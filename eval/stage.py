@@ -19,17 +19,12 @@ import torch
 from eval import benchmarks as bench
 from eval.models import ModelEntry, free_memory, load_model, load_tokenizer, models_to_evaluate, pick_device
 from eval.perplexity import Perplexity, heldout_perplexity, read_heldout_texts
-from eval.preservation import (
-    Preservation,
-    compare_logits,
-    fallback_texts,
-    logits_on,
-    preservation_token_ids,
-)
+from eval.preservation import fallback_texts, logits_on, preservation_token_ids
 from eval.probe import EXIT_DEGENERATE, ProbeResult, probe_model, summary_lines
 from eval.report import write_report
 from eval.tracking import log_report, start_eval_run
 from pipeline.config import RunConfig
+from pipeline.logits import LogitAgreement, logit_agreement
 from pipeline.runs import atomic_output_dir, stage_fingerprint, write_manifest
 
 log = logging.getLogger(__name__)
@@ -43,7 +38,7 @@ class ModelResults:
     dtype: str
     probe: ProbeResult
     perplexity: Perplexity | None = None
-    preservation: Preservation | None = None
+    preservation: LogitAgreement | None = None
     benchmark_scores: dict[str, dict[int, float]] | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -112,10 +107,10 @@ def evaluate_model(
             if logits[0].shape[-1] != base_logits[0].shape[-1]:
                 results.skipped["preservation"] = "vocabulary differs from the base's"
             else:
-                results.preservation = compare_logits(base_logits, logits)
+                results.preservation = logit_agreement(base_logits, logits)
                 p = results.preservation
                 log.info("%s vs base: max |delta logits| %.3g, KL %.3g nats, top-1 agreement %.1f%%", entry.label,
-                         p.max_abs_logit_delta, p.mean_kl_base_to_model, 100 * p.top1_agreement)
+                         p.max_abs_delta, p.mean_kl, 100 * p.top1_agreement)
 
     degenerate = probe.judgement.verdict == "DEGENERATE"
     if benchmark_run is None:

@@ -16,7 +16,7 @@ from pipeline.tracking import start_run
 
 RESULT_COLUMNS = [
     "model", "ref", "verdict", "single_token_loop_rate", "any_loop_rate", "empty_rate", "eos_reached_rate",
-    "bits_per_byte", "token_perplexity", "max_abs_logit_delta", "mean_kl_base_to_model", "top1_agreement",
+    "bits_per_byte", "token_perplexity", "max_abs_delta", "mean_kl", "top1_agreement",
     "average", *bench.BENCHMARKS,
 ]
 SAMPLE_COLUMNS = ["model", "prompt_id", "kind", "prompt", "output", "failure", "longest_run", "run_token_text"]
@@ -49,7 +49,7 @@ def result_rows(report: dict[str, Any]) -> list[list[Any]]:
         rows.append([
             label, model["ref"], report["verdicts"][label], rates["single_token_loop"], rates["any_loop"],
             rates["empty"], rates["eos_reached"], perplexity.get("bits_per_byte"), perplexity.get("token_perplexity"),
-            preservation.get("max_abs_logit_delta"), preservation.get("mean_kl_base_to_model"),
+            preservation.get("max_abs_delta"), preservation.get("mean_kl"),
             preservation.get("top1_agreement"),
             *((model_scores.get(name) or {}).get("value") for name in ["average", *bench.BENCHMARKS]),
         ])

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
+from pipeline.logits import LogitAgreement, logit_agreement
 from pipeline.runs import read_manifest
 from surgery.plan import EMBED, FINAL_NORM, LAYER_NORMS, LINEARS, LM_HEAD
 from surgery.shapes import Widths
@@ -143,21 +144,11 @@ def round_weights_to(model, dtype: str) -> None:
             param.copy_(param.to(target).to(torch.float32))
 
 
-def compare_logits(base_model, out_model, ids: torch.Tensor) -> dict[str, float]:
+def compare_logits(base_model, out_model, ids: torch.Tensor) -> LogitAgreement:
     with torch.no_grad():
         base_logits = base_model(ids).logits[0].float()
         out_logits = out_model(ids).logits[0].float()
-    delta = (base_logits - out_logits).abs().max().item()
-    base_logp = torch.log_softmax(base_logits, dim=-1)
-    out_logp = torch.log_softmax(out_logits, dim=-1)
-    kl = (base_logp.exp() * (base_logp - out_logp)).sum(-1).mean().item()
-    return {
-        "max_abs_delta": delta,
-        "relative_delta": delta / max(base_logits.abs().max().item(), 1e-12),
-        "mean_kl": max(kl, 0.0),  # KL is >= 0; a tiny negative value is fp32 rounding
-        "top1_agreement": (base_logits.argmax(-1) == out_logits.argmax(-1)).float().mean().item(),
-        "finite": bool(torch.isfinite(out_logits).all()),
-    }
+    return logit_agreement([base_logits], [out_logits])
 
 
 def gradient_probe(model, ids: torch.Tensor, base: Widths) -> tuple[float, dict[str, float], dict[str, float]]:
@@ -209,5 +200,9 @@ def verify(base_folder: Path, out_folder: Path) -> VerifyReport:
         loss=loss,
         new_block_grad=new_grad,
         base_block_grad=base_grad,
-        **logits,
+        max_abs_delta=logits.max_abs_delta,
+        relative_delta=logits.relative_delta,
+        mean_kl=logits.mean_kl,
+        top1_agreement=logits.top1_agreement,
+        finite=logits.finite,
     )
