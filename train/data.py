@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TrainDataConfig
 from pipeline.errors import UserError, error_reason
+from pipeline.models import TOKENIZATION_FILES
 from pipeline.runs import atomic_output_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 BUNDLED_SOURCES = {"python-stdlib-docs": Path(__file__).parent / "samples" / "python_stdlib_docs.jsonl.gz"}
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 HUB_SOURCE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:/(?P<pattern>.+))?$")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt",
-)
 SLICE_FORMAT = 1  # bump when the slicing or packing rules change, so old caches are not reused
 BLOCKS_FILE = "blocks.npy"
 HELDOUT_FILE = "heldout.jsonl"
@@ -122,9 +119,11 @@ def source_fingerprint(source: str) -> str:
 
 def tokenizer_fingerprint(model_dir: Path) -> str:
     digest = hashlib.sha256()
-    found = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    found = [name for name in TOKENIZATION_FILES if (model_dir / name).is_file()]
     if not found:
-        raise UserError(f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); copy the tokenizer in")
+        raise UserError(
+            f"{model_dir} has no tokenizer files ({', '.join(TOKENIZATION_FILES[:2])}); copy the tokenizer in"
+        )
     for name in found:
         digest.update(name.encode() + b"\0" + (model_dir / name).read_bytes())
     return digest.hexdigest()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import CheckpointReader, ShardedWriter, TensorSpec, parse_size
 from pipeline.errors import UserError
+from pipeline.models import TOKENIZER_FILES
 from pipeline.runs import atomic_output_dir
 from train.fsdp_adapter import adapter_file_entries, is_lora_key
 
@@ -32,10 +33,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # Everything of a model folder except its weights: the merged folder must load with from_pretrained alone.
-MODEL_FOLDER_FILES = (
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "*.jinja",
-)
+MODEL_FOLDER_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 def save_adapter(peft_model, adapter_dir: Path, state_dict: dict | None = None) -> Path:
@@ -100,10 +98,9 @@ def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
 
 
 def copy_model_folder_files(base_dir: Path, out_dir: Path) -> None:
-    for pattern in MODEL_FOLDER_FILES:
-        for path in base_dir.glob(pattern):
-            if path.is_file():
-                shutil.copy2(path, out_dir / path.name)
+    for name in MODEL_FOLDER_FILES:
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, out_dir / name)
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, merged_dir: Path, max_shard_size: str = "5GB") -> Path:
