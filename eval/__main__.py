@@ -4,9 +4,9 @@ import logging
 import sys
 
 from eval.cli import main
+from pipeline.logs import configure_stage_logging
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s [eval] %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    configure_stage_logging("eval")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # per-task chatter; our own lines say what runs
     sys.exit(main())

@@ -1,10 +1,10 @@
 """`python -m surgery ...` and `python -m surgery verify ...`: see surgery/cli.py."""
 
-import logging
 import sys
 
+from pipeline.logs import configure_stage_logging
 from surgery.cli import main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="[surgery] %(message)s", stream=sys.stderr)
+    configure_stage_logging("surgery")
     sys.exit(main())

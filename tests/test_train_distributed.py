@@ -29,7 +29,7 @@ from conftest import (
 )
 
 from pipeline.runs import read_manifest
-from train.__main__ import main as train_main
+from train.cli import main as train_main
 from train.trainer import checkpoint_processes, newest_complete_checkpoint
 from train.world import keep_one_process_on_one_gpu
 

@@ -21,7 +21,7 @@ from conftest import (
 
 from pipeline.config import load_config
 from pipeline.runs import read_manifest, stage_fingerprint
-from train.__main__ import main as train_main
+from train.cli import main as train_main
 from train.trainer import newest_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
