@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import UserError
@@ -55,10 +54,6 @@ def inputs_replaced(config: RunConfig, stage: str, manifest: dict) -> bool:
     return False
 
 
-def stage_available(stage: str) -> bool:
-    return (Path(__file__).resolve().parents[1] / stage / "__main__.py").is_file()
-
-
 # Each stage's main outputs, relative to its folder ("." is the folder itself: the surgery output is a model).
 STAGE_OUTPUTS: dict[str, dict[str, str]] = {
     "surgery": {"widened model": "."},
@@ -93,7 +88,7 @@ def output_lines(config: RunConfig, stage: str, state: str) -> list[str]:
 
 def print_status(config: RunConfig) -> None:
     for stage in STAGE_ORDER:
-        state = stage_state(config, stage) if stage_available(stage) else "not built"
+        state = stage_state(config, stage)
         print(f"{stage:8s} {state:9s} {config.stage_dir(stage)}")
         for line in output_lines(config, stage, state):
             print(f"{'':18s} {line}")
@@ -129,7 +124,7 @@ def run_pipeline(
     config_path: str, overrides: list[str], start: str | None, only: str | None, force: bool
 ) -> int:
     config = load_config(config_path, overrides)
-    selected = [s for s in STAGE_ORDER if stage_available(s)]
+    selected = list(STAGE_ORDER)
     if only:
         selected = [only]
     elif start:
@@ -155,6 +150,6 @@ def run_pipeline(
             raise UserError(f"{stage} exited 0 but wrote no {MANIFEST}; this is a bug, please report it")
         print(f"[frankenllama] {stage}: complete in {time.monotonic() - started:.0f} s", flush=True)
         rerun_rest = True
-    if stage_available("eval") and stage_state(config, "eval") == "complete":
+    if stage_state(config, "eval") == "complete":
         print_report(config)
     return 0
