@@ -280,7 +280,8 @@ def cpu_only_check(config: RunConfig, shapes: RunShapes, needs_gpu: list[str]) -
     if largest > CPU_MAX_PARAMS:
         return Check("GPU", "fail", f"no CUDA GPU visible; {', '.join(needs_gpu)} of a {largest / 1e9:.1f}B-parameter "
                      "model needs one", "run on a machine with a 24 GB NVIDIA GPU (README: Run it on a rented GPU)")
-    return Check("GPU", "ok", f"none visible; {' and '.join(needs_gpu)} run on the CPU, fine at "
+    verb = "runs" if len(needs_gpu) == 1 else "run"
+    return Check("GPU", "ok", f"none visible; {' and '.join(needs_gpu)} {verb} on the CPU, fine at "
                  f"{largest / 1e9:.2f}B parameters")
 
 
