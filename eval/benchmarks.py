@@ -13,20 +13,18 @@ model, so differences between models are paired item by item.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 import yaml
 
 from eval.stats import Estimate, combine_equal_weight, grouped_estimate, grouped_paired_difference
 from pipeline.config import BenchmarksConfig, BenchmarkSubset
 from pipeline.errors import UserError
+from pipeline.hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +98,6 @@ class LeafTask:
     name: str
     group: str  # MMLU: the subject; others: the task name
     wrapper: dict
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """False when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set or the hub does not answer in time.
-
-    Checked before any download so that an offline box gets one line instead of a hang in retries.
-    """
-    offline_flags = (os.environ.get(var, "").lower() for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if any(flag in ("1", "true", "yes") for flag in offline_flags):
-        return False
-    parts = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 def _wrapper(benchmark: Benchmark, task: str, subset: BenchmarkSubset, folder: Path | None) -> dict:

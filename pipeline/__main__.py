@@ -1,4 +1,4 @@
-"""`python -m pipeline run|status CONFIG`: the orchestrator behind scripts/run_all.sh."""
+"""`python -m pipeline run|status|doctor CONFIG`: the orchestrator behind scripts/run_all.sh, and its preflight."""
 
 from __future__ import annotations
 
@@ -23,10 +23,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--num-gpus", type=int, metavar="N",
                      help="train on N GPUs of this machine, one process each (same as --set train.num_gpus=N)")
+    doctor = sub.add_parser("doctor", help="check this machine against the config before anything is downloaded "
+                            "(takes run's arguments; exit 1 if a check fails)")
+    doctor.add_argument("config")
+    doctor_group = doctor.add_mutually_exclusive_group()
+    doctor_group.add_argument("--from", dest="start", choices=STAGE_ORDER, help="check from this stage on")
+    doctor_group.add_argument("--only", choices=STAGE_ORDER, help="check only this stage")
+    doctor.add_argument("--force", action="store_true", help="count complete stages as rerun")
+    doctor.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    doctor.add_argument("--num-gpus", type=int, metavar="N", help="as for run")
     status = sub.add_parser("status", help="print each stage's state and where its outputs are")
     status.add_argument("config")
     status.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
+
+
+def run_doctor(config_path: str, overrides: list[str], start: str | None, only: str | None, force: bool) -> int:
+    from pipeline.doctor import diagnose, render
+    from pipeline.logs import configure_stage_logging
+    from pipeline.orchestrate import select_stages
+
+    configure_stage_logging("doctor")
+    checks = diagnose(load_config(config_path, overrides), select_stages(start, only), force)
+    print(render(checks, f"frankenllama doctor: {config_path}"), flush=True)
+    return 1 if any(check.status == "fail" for check in checks) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             print_status(load_config(args.config, args.overrides))
             return 0
         gpus = [f"train.num_gpus={args.num_gpus}"] if args.num_gpus is not None else []
+        if args.command == "doctor":
+            return run_doctor(args.config, [*args.overrides, *gpus], args.start, args.only, args.force)
         return run_pipeline(args.config, [*args.overrides, *gpus], args.start, args.only, args.force)
 
     return run_cli(body)

@@ -14,12 +14,12 @@ STAGES = ("surgery", "train", "eval")
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("run", "status"):
+    if argv and argv[0] in ("run", "status", "doctor"):
         from pipeline.__main__ import main as pipeline_main
 
         return pipeline_main(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        print(f"usage: frankenllama {{run,status,{','.join(STAGES)}}} [arguments]", file=sys.stderr)
+        print(f"usage: frankenllama {{run,status,doctor,{','.join(STAGES)}}} [arguments]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return subprocess.call([sys.executable, "-m", argv[0], *argv[1:]])
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
 
@@ -160,6 +160,15 @@ class BenchmarkSubset(StrictModel):
     num_fewshot: int = Field(default=0, ge=0)
 
 
+# The old Open LLM Leaderboard's shots, and the subset sizes the 22b runs score.
+LEADERBOARD_SUBSETS = {
+    "arc_challenge": {"n": 300, "num_fewshot": 25},
+    "hellaswag": {"n": 300, "num_fewshot": 10},
+    "mmlu": {"n": 10, "num_fewshot": 5},
+    "truthfulqa_mc2": {"n": 300, "num_fewshot": 0},
+}
+
+
 class BenchmarksConfig(StrictModel):
     """lm-evaluation-harness with the old Open LLM Leaderboard settings, on seeded item subsets."""
 
@@ -167,10 +176,22 @@ class BenchmarksConfig(StrictModel):
     data_dir: Path | None = None  # a folder in the hub schemas (scripts/fetch_benchmarks.py); None: the hub
     batch_size: int = Field(default=8, gt=0)
     subset_seed: int = 0  # the same items for every model of a run
-    arc_challenge: BenchmarkSubset = Field(default_factory=lambda: BenchmarkSubset(n=300, num_fewshot=25))
-    hellaswag: BenchmarkSubset = Field(default_factory=lambda: BenchmarkSubset(n=300, num_fewshot=10))
-    mmlu: BenchmarkSubset = Field(default_factory=lambda: BenchmarkSubset(n=10, num_fewshot=5))
-    truthfulqa_mc2: BenchmarkSubset = Field(default_factory=lambda: BenchmarkSubset(n=300, num_fewshot=0))
+    arc_challenge: BenchmarkSubset = Field(
+        default_factory=lambda: BenchmarkSubset(**LEADERBOARD_SUBSETS["arc_challenge"]))
+    hellaswag: BenchmarkSubset = Field(default_factory=lambda: BenchmarkSubset(**LEADERBOARD_SUBSETS["hellaswag"]))
+    mmlu: BenchmarkSubset = Field(default_factory=lambda: BenchmarkSubset(**LEADERBOARD_SUBSETS["mmlu"]))
+    truthfulqa_mc2: BenchmarkSubset = Field(
+        default_factory=lambda: BenchmarkSubset(**LEADERBOARD_SUBSETS["truthfulqa_mc2"]))
+
+    @model_validator(mode="before")
+    @classmethod
+    def keep_unset_leaderboard_settings(cls, data: Any) -> Any:
+        """A partly given subset keeps the leaderboard's other setting: `--set eval.benchmarks.arc_challenge.n=100`
+        must shrink ARC, not also turn it into a 0-shot task."""
+        if isinstance(data, dict):
+            data = {**data, **{name: {**default, **data[name]} for name, default in LEADERBOARD_SUBSETS.items()
+                               if isinstance(data.get(name), dict)}}
+        return data
 
 
 class EvalConfig(StrictModel):

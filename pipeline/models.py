@@ -71,16 +71,29 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
+def model_ref_kind(ref: str) -> str | None:
+    """"packaged", "local" (an existing path), "hub" (an org/name id) or None (none of these): how a model
+    reference would be resolved, decided without touching the network."""
+    if ref in PACKAGED_GGUF:
+        return "packaged"
+    if Path(ref).expanduser().exists():
+        return "local"
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        return "hub"
+    return None
+
+
 def resolve_model(ref: str) -> Path:
     """A local folder holding config.json for any model reference, fetching or converting it if needed."""
-    if ref in PACKAGED_GGUF:
+    kind = model_ref_kind(ref)
+    if kind == "packaged":
         return _convert_packaged(ref)
-    path = Path(ref).expanduser()
-    if path.exists():
+    if kind == "local":
+        path = Path(ref).expanduser()
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
         return path
-    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+    if kind == "hub":
         return _download(ref)
     raise UserError(f"model {ref!r} not found: give a local folder, a hub id like org/name, or one of "
                     f"{', '.join(PACKAGED_GGUF)}")

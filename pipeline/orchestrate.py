@@ -120,17 +120,28 @@ def rerun_mode(stage: str, state: str, from_scratch: bool) -> tuple[str, str | N
     return "", None
 
 
+def select_stages(start: str | None, only: str | None) -> list[str]:
+    """The stages `--from` / `--only` select, in pipeline order."""
+    if only:
+        return [only]
+    return list(STAGE_ORDER[STAGE_ORDER.index(start):] if start else STAGE_ORDER)
+
+
+def stages_to_run(config: RunConfig, selected: list[str], force: bool) -> list[str]:
+    """Which selected stages `run_pipeline` will run: the incomplete ones, and every one after a stage that runs."""
+    chosen: list[str] = []
+    for stage in selected:
+        if force or chosen or stage_state(config, stage) != "complete":
+            chosen.append(stage)
+    return chosen
+
+
 def run_pipeline(
     config_path: str, overrides: list[str], start: str | None, only: str | None, force: bool
 ) -> int:
     config = load_config(config_path, overrides)
-    selected = list(STAGE_ORDER)
-    if only:
-        selected = [only]
-    elif start:
-        selected = selected[selected.index(start):]
     rerun_rest = False
-    for stage in selected:
+    for stage in select_stages(start, only):
         state = stage_state(config, stage)
         if state == "complete" and not (force or rerun_rest):
             print(f"[frankenllama] {stage}: complete for this config, skipping ({config.stage_dir(stage)})")

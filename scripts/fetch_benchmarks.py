@@ -15,8 +15,9 @@ import logging
 import sys
 from pathlib import Path
 
-from eval.benchmarks import BENCHMARKS, Benchmark, hub_dataset, hub_reachable, mmlu_subjects
+from eval.benchmarks import BENCHMARKS, Benchmark, hub_dataset, mmlu_subjects
 from pipeline.errors import UserError, error_reason, run_cli
+from pipeline.hub import hub_reachable
 from pipeline.runs import atomic_output_dir
 
 log = logging.getLogger("fetch_benchmarks")

@@ -44,6 +44,13 @@ def test_overrides_parse_yaml_values_and_change_fingerprint():
     assert section_fingerprint(base.train) != section_fingerprint(changed.train)
 
 
+def test_a_benchmark_subset_override_keeps_the_leaderboard_shots():
+    config = load_config(REPO / "configs" / "llama2-22b-readers.yaml", ["eval.benchmarks.arc_challenge.n=100"])
+    assert (config.eval.benchmarks.arc_challenge.n, config.eval.benchmarks.arc_challenge.num_fewshot) == (100, 25)
+    config = load_config(REPO / "configs" / "llama2-22b-readers.yaml", ["eval.benchmarks.mmlu.num_fewshot=0"])
+    assert (config.eval.benchmarks.mmlu.n, config.eval.benchmarks.mmlu.num_fewshot) == (10, 0)
+
+
 def test_atomic_output_dir_leaves_nothing_on_failure_and_refuses_existing(tmp_path):
     final = tmp_path / "out"
     with pytest.raises(RuntimeError), atomic_output_dir(final) as tmp:
