@@ -278,7 +278,8 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
                 from train.trainer import build_trainer
 
                 train = stage_train_config(cell, steps, args.lora_r)
-                model = prepare_for_training(model, train.lora, train.gradient_checkpointing, train.recipe)
+                model = prepare_for_training(model, train.lora, train.gradient_checkpointing, train.recipe,
+                                             fast=train.fast)
                 trainer = build_trainer(model, dataset, train, Path(out_dir), seed=0, device=device)
             else:
                 trainer = plain_trainer(model, dataset, cell, steps, args.lora_r, out_dir, cuda)

@@ -1,4 +1,4 @@
-"""The fast QLoRA recipe: the plain recipe's math at 1.5x its tokens/s (1.7x with micro-batch 2) on 24 GB.
+"""The fast QLoRA recipe: the plain recipe's math at a multiple of its tokens/s, on one 24 GB card.
 
 Measured on an H200 capped at 23 GiB with the 22b shape (benchmarks/RESULTS.md has the table and the notes),
 each lever kept only if it paid on its own:
@@ -14,15 +14,25 @@ each lever kept only if it paid on its own:
   LoRA elementwise work that otherwise run as hundreds of small kernels per layer.
 - **Fused linear cross-entropy** (liger-kernel, optional): the 32000-wide fp32 logits and their gradient are
   never materialized, which frees the memory for a micro-batch of 2 at 2048 tokens.
+- **What a layer keeps for its backward** (`train.fast.checkpointing`): `full` keeps only its input and runs the
+  layer again in the backward; `selective` also keeps its down_proj output (seq x hidden in bf16), so the largest
+  matmul is not run twice and the recompute is compiled into the backward; `offload` keeps only the input, in
+  pinned CPU memory, which frees seq x hidden x 4 bytes per layer (what lets the 33b shape fit).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+if TYPE_CHECKING:
+    from pipeline.config import FastRecipeConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +69,178 @@ def fuse_linear_cross_entropy(model: torch.nn.Module) -> bool:
     return True
 
 
-def compile_decoder_layers(layers: torch.nn.ModuleList) -> int:
-    """torch.compile each decoder layer's training forward; checkpointing stays outside the compiled region.
+# ---- what a decoder layer keeps for its backward -----------------------------------------------------------
 
-    Training blocks all have one shape, so one static graph serves every step; generation (the watchdog's
-    probes, with a growing KV cache) keeps the eager forward instead of recompiling for every length.
+def keep_down_proj_output(hidden_size: int, intermediate_size: int):
+    """A selective-checkpointing policy: save the down_proj product, recompute everything else.
+
+    Of a Llama layer's matmuls, down_proj's (K = intermediate, N = hidden) gives the most FLOPs per byte kept:
+    2 x intermediate FLOPs per output element, 2.7x q/k/v/o's or gate/up's on the 22b widths. Its input is still
+    recomputed (down_proj's LoRA needs it), so only that one product is skipped. Matched by shape, because the
+    policy sees aten ops, not modules; LoRA's products have the rank as one dimension and never match.
     """
-    for layer in layers:
-        eager = layer.forward
-        compiled = torch.compile(eager, dynamic=False)
-        layer.forward = lambda *args, _layer=layer, _eager=eager, _compiled=compiled, **kwargs: (
-            _compiled(*args, **kwargs) if _layer.training else _eager(*args, **kwargs)
+    def policy(ctx, op, *args, **kwargs):
+        if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            a, b = args[-2], args[-1]
+            if a.shape[-1] == intermediate_size and b.shape[-1] == hidden_size:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+class _OffloadSlot:
+    """One decoder layer's input between its forward and its backward, in pinned CPU memory.
+
+    Copies run on a side stream so they overlap the layers' compute; the backward of layer i starts the copy back
+    of layer i-1's input, so it is usually there when needed. On CPU (the tests) the slot keeps a plain copy.
+    """
+
+    def __init__(self, offload: ActivationOffload, index: int):
+        self.offload, self.index = offload, index
+        self.host: torch.Tensor | None = None
+        self.fetched: torch.Tensor | None = None
+
+    def store(self, hidden: torch.Tensor) -> None:
+        if hidden.device.type != "cuda":
+            self.host = hidden.detach().clone()
+            return
+        if self.host is None or self.host.shape != hidden.shape or self.host.dtype != hidden.dtype:
+            self.host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        stream = self.offload.stream(hidden.device)
+        stream.wait_stream(torch.cuda.current_stream(hidden.device))
+        with torch.cuda.stream(stream):
+            self.host.copy_(hidden.detach(), non_blocking=True)
+        hidden.record_stream(stream)  # its memory is not reused before the copy has read it
+        self.device = hidden.device
+
+    def fetch(self) -> None:
+        if self.host is None or self.fetched is not None:
+            return
+        if not self.host.is_pinned():
+            self.fetched = self.host
+            return
+        with torch.cuda.stream(self.offload.stream(self.device)):
+            self.fetched = self.host.to(self.device, non_blocking=True)
+
+    def load(self) -> torch.Tensor:
+        self.fetch()
+        hidden, self.fetched = self.fetched, None
+        if hidden.device.type == "cuda":
+            current = torch.cuda.current_stream(hidden.device)
+            current.wait_stream(self.offload.stream(hidden.device))
+            hidden.record_stream(current)
+        if self.index > 0:
+            self.offload.slots[self.index - 1].fetch()  # the next layer the backward reaches
+        return hidden
+
+
+class ActivationOffload:
+    """The offload slots of one model's decoder layers and the side stream their copies run on."""
+
+    def __init__(self, layers: int):
+        self.slots = [_OffloadSlot(self, i) for i in range(layers)]
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Checkpointing whose only kept tensor, the layer's input, waits in CPU memory for the backward.
+
+    Reentrant-style: the forward's graph is dropped as soon as the layer has run, the backward reruns the layer
+    with the forward's RNG state (the same dropout masks) and autocast, then backpropagates through it. Both runs
+    build the autograd graph, so a compiled layer runs one compiled graph twice, as under full checkpointing (a
+    no-grad graph could number its random ops differently). `anchor` requires grad so that the first layer, whose
+    input does not, still gets a backward (its LoRA weights need one).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, anchor, slot, run):
+        ctx.slot, ctx.run = slot, run
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.autocast = (hidden.device.type, torch.is_autocast_enabled(hidden.device.type),
+                        torch.get_autocast_dtype(hidden.device.type))
+        slot.store(hidden)
+        with torch.enable_grad():
+            return run(hidden.detach()).detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden = ctx.slot.load().detach().requires_grad_(ctx.needs_input_grad[0])
+        device_type, autocast, dtype = ctx.autocast
+        devices = [hidden.device] if hidden.is_cuda else []
+        with torch.random.fork_rng(devices=devices, device_type=device_type):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
+            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
+                out = ctx.run(hidden)
+        torch.autograd.backward(out, grad)
+        return hidden.grad if ctx.needs_input_grad[0] else None, None, None, None
+
+
+def checkpointed_forward(forward, checkpointing: str, compiler=torch.compile, slot: _OffloadSlot | None = None,
+                         policy=None):
+    """The training forward of one decoder layer: `forward` compiled by `compiler`, checkpointed as told."""
+    if checkpointing == "selective":  # checkpoint inside the compiled region: the recompute joins the backward graph
+        context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+
+        def selective(*args, **kwargs):
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+        return compiler(selective)
+    compiled = compiler(forward)
+    if checkpointing == "offload":
+        anchor = torch.ones((), requires_grad=True)
+
+        def offloaded(hidden_states, *args, **kwargs):
+            return _OffloadedCheckpoint.apply(hidden_states, anchor, slot, lambda h: compiled(h, *args, **kwargs))
+
+        return offloaded
+    return functools.partial(checkpoint, compiled, use_reentrant=False)
+
+
+def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "full", cuda_graphs: bool = False,
+                           compiler=torch.compile) -> int:
+    """torch.compile each decoder layer's training forward and take over its activation checkpointing.
+
+    transformers checkpoints around the layer's `__call__` (5.17) or inside its `forward` (5.24); doing it here
+    instead makes the compiled region the same on both: the layer's own forward, checkpointed outside (`full`,
+    `offload`) or inside (`selective`). Layers that were not checkpointed are compiled alone. Training blocks all
+    have one shape, so one static graph serves every step; generation (the watchdog's probes, with a growing KV
+    cache) and no-grad forwards keep the eager forward instead of recompiling for every length.
+    """
+    compiler = functools.partial(compiler, dynamic=False, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
+    offload = ActivationOffload(len(layers)) if checkpointing == "offload" else None
+    for index, layer in enumerate(layers):
+        eager = types.MethodType(type(layer).forward, layer)
+        if getattr(layer, "gradient_checkpointing", False):
+            layer.gradient_checkpointing = False
+            down_proj = layer.mlp.down_proj  # a LoRA wrapper knows its base layer's widths
+            policy = (keep_down_proj_output(down_proj.out_features, down_proj.in_features)
+                      if checkpointing == "selective" else None)
+            train_forward = checkpointed_forward(eager, checkpointing, compiler,
+                                                 offload.slots[index] if offload else None, policy)
+        else:
+            train_forward = compiler(eager)
+        layer.forward = lambda *args, _layer=layer, _eager=eager, _train=train_forward, **kwargs: (
+            _train(*args, **kwargs) if _layer.training and torch.is_grad_enabled() else _eager(*args, **kwargs)
         )
     return len(layers)
 
 
-def apply_cuda_levers(peft_model: torch.nn.Module) -> list[str]:
+def apply_cuda_levers(peft_model: torch.nn.Module, fast: FastRecipeConfig) -> list[str]:
     """Apply every lever to a LoRA-wrapped 4-bit Llama on CUDA; returns their names for the log."""
     causal_lm = peft_model.get_base_model()
     applied = [f"one dequantization per pass on {dequantize_once_per_pass(causal_lm)} 4-bit linears"]
     if fuse_linear_cross_entropy(causal_lm):
         applied.append("fused linear cross-entropy (liger-kernel)")
-    applied.append(f"{compile_decoder_layers(causal_lm.model.layers)} compiled decoder layers")
+    compiled = compile_decoder_layers(causal_lm.model.layers, fast.checkpointing, fast.cuda_graphs)
+    applied.append(f"{compiled} compiled decoder layers{' with CUDA graphs' if fast.cuda_graphs else ''}, "
+                   f"{fast.checkpointing} activation checkpointing")
     return applied
