@@ -11,32 +11,37 @@ and times train steps for three recipes on identical weights, data, LoRA init an
 - `plain+liger`: the same with `use_liger_kernel=True` (liger's RoPE, RMSNorm, SwiGLU and fused linear
   cross-entropy), what an informed user of the HF Trainer runs;
 - `stage`: the train stage's own code path (train.model.prepare_for_training + train.trainer.build_trainer) on a
-  real `pipeline.config.TrainConfig`; `--variant NAME=KEY=VALUE[,KEY=VALUE]` adds stage cells with other train
-  settings (`train.fast.*` levers, say), validated by the same schema as a run config.
+  real `pipeline.config.TrainConfig` (the schema's defaults, `--set train.KEY=VALUE` on top);
+  `--variant NAME=train.KEY=VALUE[,...]` adds stage cells with other settings (a `train.fast.*` lever off, say),
+  validated by the same schema as a run config before any cell starts.
 
 Every seq runs at one micro-batch for all recipes (`--batch`, default 2 at the shorter seq and 1 at the longer):
 the ratio is at equal terms. Each cell runs in its own subprocess, so an out-of-memory cell cannot poison the next
-and every peak is that cell's own. A few warm-up steps, then timed steps (CUDA-synchronized); the table shows
-tokens/s, the ratio to plain, the utilisation (model FLOPs / 790 TFLOP/s, see `model_flops_per_token`), peak
-allocated/reserved memory and the first losses (same seed and data: they should agree within bf16 noise; plain+liger
-against plain shows what that noise is). Paged-optimizer state lives in CUDA unified memory and is not in the
-allocator's peak.
+and every peak is that cell's own. Steps hold one micro-batch each; a few warm-up steps, then timed steps, each
+split (CUDA-synchronized) into the micro-batch's forward and backward and the optimizer update. tokens/s is given
+for a step of `--sequences-per-step` sequences (16, QLoRA's batch and the 22b configs' 2 x 8): that many
+micro-batches and one update, from the two measured times (the measured one-micro-batch-per-step figure is in the
+table too). The table also has the ratio to plain, the utilisation (model FLOPs / 790 TFLOP/s, see
+`model_flops_per_token`), peak allocated/reserved memory and the first losses (same seed, data and dropout masks
+where the kernels allow: they should agree within bf16 noise; plain+liger against plain shows what that noise is).
+Paged-optimizer state lives in CUDA unified memory and is not in the allocator's peak.
 
 `--profile` profiles one step of one cell instead (benchmarks/step_profile.py): GPU time by kind, device-to-host
 copies, host reads and synchronizations with the call chains that issue them.
 
 `--num-gpus N` measures data-parallel scaling instead: the stage's recipe at the first seq and micro-batch, on one
 GPU and then on N GPUs of this machine, launched the way the stage launches them (accelerate launch with
-train/launch.py's config, DDP, each GPU capped at `--cap-gib`); tokens/s counts the tokens of all GPUs, and the run
-ends with `train_bench: N-GPU scaling X.XXx vs 1 GPU (data-parallel)`.
+train/launch.py's config, DDP, each GPU capped at `--cap-gib`); tokens/s is measured (one micro-batch per GPU and
+step) and counts the tokens of all GPUs, and the run ends with `train_bench: N-GPU scaling X.XXx vs 1 GPU`.
 
 Needs torch, transformers, peft, accelerate, bitsandbytes, pydantic (the stage's config) and, for plain+liger and
 the stage's fused cross-entropy, liger-kernel.
 
     python benchmarks/train_bench.py                 # 22b shape, seq 2048 (micro-batch 2) and 4096 (micro-batch 1)
-    python benchmarks/train_bench.py --layers 60 --seq 2048 --batch 1 --lora-r 16 --recipes stage   # 33b shape
-    python benchmarks/train_bench.py --variant offload=train.fast.offload_activations=true
-    python benchmarks/train_bench.py --profile --layers 8 --seq 2048 --batch 2   # one profiled step of the stage
+    python benchmarks/train_bench.py --variant full=train.fast.checkpointing=full      # and one lever off
+    python benchmarks/train_bench.py --layers 60 --seq 2048 4096 --batch 1 1 --recipes stage \
+        --set train.fast.checkpointing=offload --lora-r 64                            # the 33b shape
+    python benchmarks/train_bench.py --profile --layers 8 --seq 2048 --batch 2        # one profiled stage step
     python benchmarks/train_bench.py --quick --cpu   # tiny shape on CPU (adamw_torch, fp32, no cap): checks the script
     python benchmarks/train_bench.py --num-gpus 2    # 22b shape, seq 2048, micro-batch 2: 1 GPU vs 2 GPUs
 """
@@ -105,6 +110,18 @@ def model_flops_per_token(shape: dict, seq: int, lora_r: int) -> float:
     lora = layers * lora_r * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3)
     attention = layers * 2 * seq * d
     return 6 * decoder + 4 * shape["vocab_size"] * d + 8 * lora + 4 * attention
+
+
+def tokens_per_second(cell: Cell, micro_batch_s: float, update_s: float, sequences_per_step: int) -> float:
+    """Tokens/s of an optimizer step of `sequences_per_step` sequences: micro-batches, then one update.
+
+    The bench times steps of one micro-batch each, so every step pays a whole optimizer update (paged AdamW over
+    all LoRA weights, with a synchronization per matrix); a run accumulates 16 sequences per update (QLoRA's batch,
+    the 22b configs' 2 x 8). Both times are measured in the cell; this is what a step of the run costs.
+    """
+    micro_batches = max(1, sequences_per_step // (cell.batch * cell.gpus))
+    tokens = micro_batches * cell.batch * cell.gpus * cell.seq
+    return tokens / (micro_batches * micro_batch_s + update_s)
 
 
 # ---- the model: random weights, quantized one linear at a time -------------------------------------------
@@ -247,20 +264,27 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     steps = args.warmup + args.steps + (1 if args.profile else 0)
 
     class StepClock(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
+        """Per step: the micro-batch (forward and backward) and the optimizer update, each CUDA-synchronized."""
 
-        def _sync(self):
+        def __init__(self):
+            self.micro: list[float] = []
+            self.update: list[float] = []
+
+        def _now(self):
             if cuda:
                 torch.cuda.synchronize()
+            return time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self._sync()
-            self.start = time.perf_counter()
+            self.start = self._now()
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.before_update = self._now()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self._sync()
-            self.times.append(time.perf_counter() - self.start)
+            end = self._now()
+            self.micro.append(self.before_update - self.start)
+            self.update.append(end - self.before_update)
 
     result = {**asdict(cell), "name": cell.name, "rank": rank, "status": "ok"}
     clock, levers = StepClock(), LeverLog()
@@ -291,9 +315,13 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
                 profiler = ProfileOneStep(step=args.warmup, cuda=cuda)
                 trainer.add_callback(profiler)
             trainer.train()
-        timed = [t for i, t in enumerate(clock.times) if i >= args.warmup and not (args.profile and i == args.warmup)]
-        result["step_s"] = round(statistics.mean(timed), 3)
-        result["tokens_per_s"] = round(cell.gpus * cell.batch * cell.seq / statistics.mean(timed), 1)  # all GPUs
+        timed = [i for i in range(len(clock.micro)) if i >= args.warmup and not (args.profile and i == args.warmup)]
+        micro = statistics.mean(clock.micro[i] for i in timed)
+        update = statistics.mean(clock.update[i] for i in timed)
+        result["micro_batch_s"], result["update_s"] = round(micro, 3), round(update, 3)
+        result["step_s"] = round(micro + update, 3)
+        result["tokens_per_s_measured"] = round(cell.gpus * cell.batch * cell.seq / (micro + update), 1)  # all GPUs
+        result["tokens_per_s"] = round(tokens_per_second(cell, micro, update, args.sequences_per_step), 1)
         result["losses"] = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
         result["levers"] = levers.levers
         if profiler is not None:
@@ -378,18 +406,20 @@ def utilisation(r: dict, shape: dict, lora_r: int) -> float:
     return r["tokens_per_s"] * model_flops_per_token(shape, r["seq"], lora_r) / (PEAK_TFLOPS * 1e12)
 
 
-def format_table(results: list[dict], shape: dict, lora_r: int) -> str:
-    lines = ["| recipe | seq | micro-batch | tokens/s | vs plain | utilisation | step s | peak allocated GiB "
-             "| peak reserved GiB | status | first losses |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+def format_table(results: list[dict], shape: dict, lora_r: int, sequences_per_step: int) -> str:
+    lines = [f"| recipe | seq | micro-batch | tokens/s ({sequences_per_step} seq/step) | vs plain | utilisation "
+             "| micro-batch s | update s | tokens/s (1 micro-batch/step) | peak allocated GiB | peak reserved GiB "
+             "| status | first losses |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ok = r["status"] == "ok"
         plain = baseline(results, r, "plain") if ok else None
         ratio = f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x" if plain else "-"
         mfu = f"{100 * utilisation(r, shape, lora_r):.1f}%" if ok else "-"
-        losses = ", ".join(f"{x:.4f}" for x in r.get("losses", [])[:5])
+        losses = ", ".join(f"{x:.4f}" for x in r.get("losses", [])[:6])
         lines.append(f"| {r['name']} | {r['seq']} | {r['batch']} | {r.get('tokens_per_s', '-')} | {ratio} | {mfu} | "
-                     f"{r.get('step_s', '-')} | {r.get('peak_allocated_gib', '-')} | {r.get('peak_reserved_gib', '-')} "
-                     f"| {r['status']} | {losses} |")
+                     f"{r.get('micro_batch_s', '-')} | {r.get('update_s', '-')} | "
+                     f"{r.get('tokens_per_s_measured', '-')} | {r.get('peak_allocated_gib', '-')} | "
+                     f"{r.get('peak_reserved_gib', '-')} | {r['status']} | {losses} |")
     return "\n".join(lines)
 
 
@@ -410,7 +440,7 @@ def loss_agreement(results: list[dict]) -> list[str]:
     return lines
 
 
-def speedup_line(results: list[dict], seqs: list[int]) -> str:
+def speedup_line(results: list[dict], seqs: list[int], key: str = "tokens_per_s") -> str:
     """The stage (default settings) over plain and over plain+liger, each at the stage cell's seq and micro-batch."""
     versus: dict[str, list[str]] = {"plain": [], "plain+liger": []}
     for seq in seqs:
@@ -418,7 +448,7 @@ def speedup_line(results: list[dict], seqs: list[int]) -> str:
                       and r["status"] == "ok"), None)
         for recipe, ratios in versus.items():
             base = baseline(results, stage, recipe) if stage else None
-            ratios.append(f"{stage['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a")
+            ratios.append(f"{stage[key] / base[key]:.2f}x" if base else "n/a")
     plain = ", ".join(f"seq{seq} {ratio}" for seq, ratio in zip(seqs, versus["plain"], strict=True))
     return (f"train_bench: equal micro-batch speedup {plain} vs plain "
             f"(vs plain+liger {', '.join(versus['plain+liger'])})")
@@ -445,14 +475,14 @@ def format_scaling_table(results: list[dict]) -> str:
     lines = ["| GPUs | seq | micro-batch per GPU | tokens/s (all GPUs) | step s | peak allocated GiB (GPU 0) "
              "| status |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['gpus']} | {r['seq']} | {r['batch']} | {r.get('tokens_per_s', '-')} | "
+        lines.append(f"| {r['gpus']} | {r['seq']} | {r['batch']} | {r.get('tokens_per_s_measured', '-')} | "
                      f"{r.get('step_s', '-')} | {r.get('peak_allocated_gib', '-')} | {r['status']} |")
     return "\n".join(lines)
 
 
 def scaling_line(results: list[dict], gpus: int) -> str:
     """tokens/s on `gpus` GPUs over tokens/s on one, same per-GPU micro-batch: the data-parallel scaling."""
-    speed = {r["gpus"]: r["tokens_per_s"] for r in results if r["status"] == "ok"}
+    speed = {r["gpus"]: r["tokens_per_s_measured"] for r in results if r["status"] == "ok"}
     ratio = f"{speed[gpus] / speed[1]:.2f}x" if gpus in speed and 1 in speed else "n/a"
     return f"train_bench: {gpus}-GPU scaling {ratio} vs 1 GPU (data-parallel)"
 
@@ -466,14 +496,21 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 
 
 def planned_cells(args: argparse.Namespace, seqs: list[int], batches: list[int]) -> list[Cell]:
-    """Per seq: each recipe at that seq's micro-batch, then each stage variant; --profile: one cell only."""
+    """Per seq: each recipe at that seq's micro-batch, then each stage variant; --profile: one cell only.
+
+    Every stage cell takes --set's settings first, a variant's own after them."""
+    def recipe_cell(recipe: str, seq: int, batch: int) -> Cell:
+        return Cell(recipe, seq, batch, sets=list(args.set) if recipe == "stage" else [])
+
     if args.profile:
         name, sets = args.variant[0] if args.variant else ("", [])
-        return [Cell(args.recipes[0], seqs[0], batches[0], name, sets)]
+        cell = recipe_cell(args.recipes[0], seqs[0], batches[0])
+        return [Cell(cell.recipe, cell.seq, cell.batch, name, cell.sets + sets)]
     cells = []
     for seq, batch in zip(seqs, batches, strict=True):
-        cells += [Cell(recipe, seq, batch) for recipe in args.recipes]
-        cells += [Cell("stage", seq, batch, name, sets) for name, sets in args.variant]
+        cells += [recipe_cell(recipe, seq, batch) for recipe in args.recipes]
+        if args.variant_seq is None or seq in args.variant_seq:
+            cells += [Cell("stage", seq, batch, name, [*args.set, *sets]) for name, sets in args.variant]
     return cells
 
 
@@ -502,8 +539,14 @@ def main() -> None:
                         help="default: all three; with --profile the stage")
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=SETTINGS",
                         help="also time the stage with these train settings, e.g. sac=train.fast.saved_layers=8")
+    parser.add_argument("--variant-seq", type=int, nargs="+", help="run the variants at these seqs only (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
+                        help="a train setting for every stage cell, as the stage's --set (repeatable)")
     parser.add_argument("--layers", type=int, help="decoder layers (default 40, the 22b; 60 is the 33b shape)")
     parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank for every recipe (QLoRA's 64)")
+    parser.add_argument("--sequences-per-step", type=int, default=16,
+                        help="sequences per optimizer step that tokens/s is given for (QLoRA's 16; the update's "
+                             "measured time is spread over them)")
     parser.add_argument("--cap-gib", type=float, default=23.0, help="GPU memory cap per process (a 24 GB card)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=4, help="timed steps")
@@ -531,14 +574,18 @@ def main() -> None:
     batches = args.batch or [2 if i == 0 and len(seqs) > 1 else 1 for i in range(len(seqs))]
     if len(batches) != len(seqs):
         parser.error(f"--batch gives {len(batches)} micro-batches for {len(seqs)} sequence lengths")
-    for name, sets in args.variant:  # a typo fails here, before any cell is started
-        stage_train_config(Cell("stage", seqs[0], batches[0], name, sets), 1, args.lora_r)
+    for name, sets in [("", []), *args.variant]:  # a typo fails here, before any cell is started
+        stage_train_config(Cell("stage", seqs[0], batches[0], name, [*args.set, *sets]), 1, args.lora_r)
     if args.num_gpus > 1:
         results = run_scaling(args, seqs[0], batches[0])
     else:
         shape = bench_shape(args)
         print(f"[train_bench] shape {shape}, seqs {seqs} at micro-batches {batches}, cap {args.cap_gib} GiB, "
               f"{args.warmup} warm-up + {args.steps} timed steps, LoRA r={args.lora_r} on {len(TARGETS)} projections",
+              flush=True)
+        fast = stage_train_config(Cell("stage", seqs[0], batches[0], sets=list(args.set)), 1, args.lora_r).fast
+        variants = "; ".join(f"{name}: {', '.join(sets)}" for name, sets in args.variant) or "none"
+        print(f"[train_bench] stage: train.fast {fast.model_dump()} (--set {args.set or 'none'}); variants: {variants}",
               flush=True)
         results = [run_cell_subprocess(cell, args) for cell in planned_cells(args, seqs, batches)]
         print()
@@ -549,10 +596,12 @@ def main() -> None:
             print(format_summary(r["profile"], f"{r['name']} seq {r['seq']} micro-batch {r['batch']}")
                   if r.get("profile") else f"train_bench profile: no profile ({r['status']})")
         else:
-            print(format_table(results, shape, args.lora_r))
+            print(format_table(results, shape, args.lora_r, args.sequences_per_step))
             print()
             print("\n".join(loss_agreement(results)))
             if "stage" in args.recipes and "plain" in args.recipes:
+                print(speedup_line(results, seqs, "tokens_per_s_measured").replace(
+                    "train_bench: equal micro-batch speedup", "(one micro-batch per optimizer step:") + ")")
                 print(speedup_line(results, seqs))
             if shape["num_hidden_layers"] != (SHAPE_QUICK if args.quick else SHAPE_22B)["num_hidden_layers"]:
                 print("\n".join(shape_lines(results, shape, args.lora_r)))

@@ -101,8 +101,9 @@ class FastRecipeConfig(StrictModel):
     # What each decoder layer keeps for its backward. full: its input only (the layer runs again in the backward);
     # selective: also its down_proj output (seq x hidden bf16 per layer), so that largest matmul runs once;
     # offload: its input only, in pinned CPU memory (frees seq x hidden x 4 bytes of GPU memory per layer).
-    checkpointing: Literal["full", "selective", "offload"] = "full"
+    checkpointing: Literal["full", "selective", "offload"] = "selective"
     cuda_graphs: bool = False  # torch.compile's reduce-overhead mode for the compiled decoder layers
+    torch_dropout: bool = True  # compiled layers draw LoRA's dropout masks with torch's kernel, not Triton's RNG
 
 
 class TrainConfig(StrictModel):

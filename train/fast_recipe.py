@@ -184,25 +184,28 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return hidden.grad if ctx.needs_input_grad[0] else None, None, None, None
 
 
-def checkpointed_forward(forward, checkpointing: str, compiler=torch.compile, slot: _OffloadSlot | None = None,
-                         policy=None):
-    """The training forward of one decoder layer: `forward` compiled by `compiler`, checkpointed as told."""
-    if checkpointing == "selective":  # checkpoint inside the compiled region: the recompute joins the backward graph
-        context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+def selective_checkpoint(policy):
+    """A decoder layer's forward under selective checkpointing, for one torch.compile shared by every layer.
 
-        def selective(*args, **kwargs):
-            return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    The layer comes in as an argument, like `self` of a compiled bound method, so the one compiled graph serves all
+    layers; a function per layer (or a policy per layer) would be recompiled for each and, past dynamo's limit of
+    8, silently run eager.
+    """
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
 
-        return compiler(selective)
-    compiled = compiler(forward)
-    if checkpointing == "offload":
-        anchor = torch.ones((), requires_grad=True)
+    def forward(layer, *args, **kwargs):
+        return checkpoint(type(layer).forward, layer, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
-        def offloaded(hidden_states, *args, **kwargs):
-            return _OffloadedCheckpoint.apply(hidden_states, anchor, slot, lambda h: compiled(h, *args, **kwargs))
+    return forward
 
-        return offloaded
-    return functools.partial(checkpoint, compiled, use_reentrant=False)
+
+def offloaded_checkpoint(compiled, slot: _OffloadSlot):
+    anchor = torch.ones((), requires_grad=True)
+
+    def forward(hidden_states, *args, **kwargs):
+        return _OffloadedCheckpoint.apply(hidden_states, anchor, slot, lambda h: compiled(h, *args, **kwargs))
+
+    return forward
 
 
 def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "full", cuda_graphs: bool = False,
@@ -217,21 +220,37 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
     """
     compiler = functools.partial(compiler, dynamic=False, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
     offload = ActivationOffload(len(layers)) if checkpointing == "offload" else None
+    down_proj = layers[0].mlp.down_proj  # a LoRA wrapper knows its base layer's widths
+    selective = (compiler(selective_checkpoint(keep_down_proj_output(down_proj.out_features, down_proj.in_features)))
+                 if checkpointing == "selective" else None)
     for index, layer in enumerate(layers):
         eager = types.MethodType(type(layer).forward, layer)
-        if getattr(layer, "gradient_checkpointing", False):
-            layer.gradient_checkpointing = False
-            down_proj = layer.mlp.down_proj  # a LoRA wrapper knows its base layer's widths
-            policy = (keep_down_proj_output(down_proj.out_features, down_proj.in_features)
-                      if checkpointing == "selective" else None)
-            train_forward = checkpointed_forward(eager, checkpointing, compiler,
-                                                 offload.slots[index] if offload else None, policy)
-        else:
+        if not getattr(layer, "gradient_checkpointing", False):
             train_forward = compiler(eager)
+        elif selective is not None:
+            train_forward = functools.partial(selective, layer)
+        elif offload is not None:
+            train_forward = offloaded_checkpoint(compiler(eager), offload.slots[index])
+        else:
+            train_forward = functools.partial(checkpoint, compiler(eager), use_reentrant=False)
+        layer.gradient_checkpointing = False  # done here, once, around or inside the compiled forward
         layer.forward = lambda *args, _layer=layer, _eager=eager, _train=train_forward, **kwargs: (
             _train(*args, **kwargs) if _layer.training and torch.is_grad_enabled() else _eager(*args, **kwargs)
         )
     return len(layers)
+
+
+def draw_dropout_masks_with_torch() -> None:
+    """Let compiled graphs call torch's dropout kernel instead of generating the random numbers in Triton.
+
+    Inductor draws one Philox call per element (tl.rand keeps one of its four outputs); LoRA's seven dropouts per
+    layer are 237M elements per pass at 4096 tokens on the 22b widths, and that integer work was most of the Triton
+    time in the profile. torch's own kernel keeps all four. A process-wide inductor setting (`fallback_random`):
+    the decoder layers are all this process compiles.
+    """
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
 
 
 def apply_cuda_levers(peft_model: torch.nn.Module, fast: FastRecipeConfig) -> list[str]:
@@ -240,7 +259,10 @@ def apply_cuda_levers(peft_model: torch.nn.Module, fast: FastRecipeConfig) -> li
     applied = [f"one dequantization per pass on {dequantize_once_per_pass(causal_lm)} 4-bit linears"]
     if fuse_linear_cross_entropy(causal_lm):
         applied.append("fused linear cross-entropy (liger-kernel)")
+    if fast.torch_dropout:
+        draw_dropout_masks_with_torch()
     compiled = compile_decoder_layers(causal_lm.model.layers, fast.checkpointing, fast.cuda_graphs)
-    applied.append(f"{compiled} compiled decoder layers{' with CUDA graphs' if fast.cuda_graphs else ''}, "
-                   f"{fast.checkpointing} activation checkpointing")
+    applied.append(f"{compiled} compiled decoder layers{' with CUDA graphs' if fast.cuda_graphs else ''}"
+                   f"{' and torch dropout' if fast.torch_dropout else ''}, {fast.checkpointing} activation "
+                   "checkpointing")
     return applied
