@@ -70,7 +70,7 @@ def busy_time_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarize(events, wall_s: float, top: int = 6) -> dict:
+def summarize(events, wall_s: float, top: int = 4) -> dict:
     """Counts, times and the most frequent call chains of one profiled step (events: profiler.events())."""
     device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
     host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
@@ -109,7 +109,7 @@ def format_summary(summary: dict, cell: str) -> str:
     for title, key in (("device-to-host copies", "dtoh_top"), ("host reads of a tensor value", "host_reads_top"),
                        ("explicit synchronizations", "syncs_top")):
         lines.append(f"[profile] {title}, most frequent call chains (innermost first):")
-        lines.extend(f"[profile]   {count:5d}x  {chain[:400]}" for chain, count in summary[key])
+        lines.extend(f"[profile]   {count:5d}x  {chain[:300]}" for chain, count in summary[key])
     lines.append(f"train_bench profile: {summary['dtoh_copies']} device-to-host copies per step "
                  f"({summary['dtoh_pageable']} into pageable memory), {summary['host_reads']} host reads, "
                  f"{summary['syncs']} synchronizations")

@@ -414,7 +414,7 @@ def format_table(results: list[dict], shape: dict, lora_r: int, sequences_per_st
         ok = r["status"] == "ok"
         plain = baseline(results, r, "plain") if ok else None
         ratio = f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x" if plain else "-"
-        mfu = f"{100 * utilisation(r, shape, lora_r):.1f}%" if ok else "-"
+        mfu = f"{100 * utilisation(r, shape, lora_r):.1f}%" if ok and "peak_allocated_gib" in r else "-"  # GPU only
         losses = ", ".join(f"{x:.4f}" for x in r.get("losses", [])[:6])
         lines.append(f"| {r['name']} | {r['seq']} | {r['batch']} | {r.get('tokens_per_s', '-')} | {ratio} | {mfu} | "
                      f"{r.get('micro_batch_s', '-')} | {r.get('update_s', '-')} | "
@@ -587,7 +587,11 @@ def main() -> None:
         variants = "; ".join(f"{name}: {', '.join(sets)}" for name, sets in args.variant) or "none"
         print(f"[train_bench] stage: train.fast {fast.model_dump()} (--set {args.set or 'none'}); variants: {variants}",
               flush=True)
-        results = [run_cell_subprocess(cell, args) for cell in planned_cells(args, seqs, batches)]
+        results = []
+        for cell in planned_cells(args, seqs, batches):
+            results.append(run_cell_subprocess(cell, args))
+            if args.json:  # after every cell: a device call cut short still brings back the cells it finished
+                args.json.write_text(json.dumps(results, indent=2) + "\n")
         print()
         if args.profile:
             from benchmarks.step_profile import format_summary

@@ -104,6 +104,7 @@ class FastRecipeConfig(StrictModel):
     checkpointing: Literal["full", "selective", "offload"] = "selective"
     cuda_graphs: bool = False  # torch.compile's reduce-overhead mode for the compiled decoder layers
     torch_dropout: bool = True  # compiled layers draw LoRA's dropout masks with torch's kernel, not Triton's RNG
+    cudnn_attention: bool = False  # training attention tries cuDNN's kernels before FlashAttention-2
 
 
 class TrainConfig(StrictModel):

@@ -22,6 +22,7 @@ each lever kept only if it paid on its own:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import types
@@ -199,17 +200,34 @@ def selective_checkpoint(policy):
     return forward
 
 
-def offloaded_checkpoint(compiled, slot: _OffloadSlot):
+def offloaded_checkpoint(compiled, slot: _OffloadSlot, attention_context=contextlib.nullcontext):
+    """A layer's forward whose input waits in CPU memory; the backward's rerun sees the forward's attention choice."""
     anchor = torch.ones((), requires_grad=True)
 
     def forward(hidden_states, *args, **kwargs):
-        return _OffloadedCheckpoint.apply(hidden_states, anchor, slot, lambda h: compiled(h, *args, **kwargs))
+        def run(hidden):
+            with attention_context():
+                return compiled(hidden, *args, **kwargs)
+
+        return _OffloadedCheckpoint.apply(hidden_states, anchor, slot, run)
 
     return forward
 
 
+def cudnn_attention_first():
+    """scaled_dot_product_attention tries cuDNN's attention first (Hopper kernels), then flash, efficient, math.
+
+    torch's own order puts flash (FlashAttention-2) first; the choice is made when a layer is traced, so the
+    context only needs to hold around the compiled training forward (generation keeps torch's order).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
 def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "full", cuda_graphs: bool = False,
-                           compiler=torch.compile) -> int:
+                           compiler=torch.compile, attention_context=contextlib.nullcontext) -> int:
     """torch.compile each decoder layer's training forward and take over its activation checkpointing.
 
     transformers checkpoints around the layer's `__call__` (5.17) or inside its `forward` (5.24); doing it here
@@ -230,13 +248,18 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
         elif selective is not None:
             train_forward = functools.partial(selective, layer)
         elif offload is not None:
-            train_forward = offloaded_checkpoint(compiler(eager), offload.slots[index])
+            train_forward = offloaded_checkpoint(compiler(eager), offload.slots[index], attention_context)
         else:
             train_forward = functools.partial(checkpoint, compiler(eager), use_reentrant=False)
         layer.gradient_checkpointing = False  # done here, once, around or inside the compiled forward
-        layer.forward = lambda *args, _layer=layer, _eager=eager, _train=train_forward, **kwargs: (
-            _train(*args, **kwargs) if _layer.training and torch.is_grad_enabled() else _eager(*args, **kwargs)
-        )
+
+        def forward(*args, _layer=layer, _eager=eager, _train=train_forward, **kwargs):
+            if not (_layer.training and torch.is_grad_enabled()):
+                return _eager(*args, **kwargs)
+            with attention_context():
+                return _train(*args, **kwargs)
+
+        layer.forward = forward
     return len(layers)
 
 
@@ -261,8 +284,11 @@ def apply_cuda_levers(peft_model: torch.nn.Module, fast: FastRecipeConfig) -> li
         applied.append("fused linear cross-entropy (liger-kernel)")
     if fast.torch_dropout:
         draw_dropout_masks_with_torch()
-    compiled = compile_decoder_layers(causal_lm.model.layers, fast.checkpointing, fast.cuda_graphs)
-    applied.append(f"{compiled} compiled decoder layers{' with CUDA graphs' if fast.cuda_graphs else ''}"
-                   f"{' and torch dropout' if fast.torch_dropout else ''}, {fast.checkpointing} activation "
-                   "checkpointing")
+    attention = cudnn_attention_first if fast.cudnn_attention else contextlib.nullcontext
+    compiled = compile_decoder_layers(causal_lm.model.layers, fast.checkpointing, fast.cuda_graphs,
+                                      attention_context=attention)
+    extras = [name for name, on in (("CUDA graphs", fast.cuda_graphs), ("torch dropout", fast.torch_dropout),
+                                    ("cuDNN attention", fast.cudnn_attention)) if on]
+    applied.append(f"{compiled} compiled decoder layers{' with ' + ', '.join(extras) if extras else ''}, "
+                   f"{fast.checkpointing} activation checkpointing")
     return applied
