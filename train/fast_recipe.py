@@ -167,12 +167,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.autocast = (hidden.device.type, torch.is_autocast_enabled(hidden.device.type),
                         torch.get_autocast_dtype(hidden.device.type))
         slot.store(hidden)
-        with torch.enable_grad():
-            return run(hidden.detach()).detach()
+        with torch.enable_grad():  # the input's requires_grad as in the backward's rerun: the same compiled graph
+            return run(hidden.detach().requires_grad_(hidden.requires_grad)).detach()
 
     @staticmethod
     def backward(ctx, grad):
-        hidden = ctx.slot.load().detach().requires_grad_(ctx.needs_input_grad[0])
+        hidden = ctx.slot.load().detach().requires_grad_(ctx.needs_input_grad[0])  # needs_input_grad: as in forward
         device_type, autocast, dtype = ctx.autocast
         devices = [hidden.device] if hidden.is_cuda else []
         with torch.random.fork_rng(devices=devices, device_type=device_type):
