@@ -95,6 +95,18 @@ class WatchdogConfig(StrictModel):
     prompts: int = Field(default=8, ge=1, le=60)  # the first N shipped probe prompts (pipeline/probe_prompts.jsonl)
 
 
+class FastRecipeConfig(StrictModel):
+    """Levers of the fast recipe on CUDA (train/fast_recipe.py), each measured on its own in benchmarks/RESULTS.md."""
+
+    # What each decoder layer keeps for its backward. full: its input only (the layer runs again in the backward);
+    # selective: also its down_proj output (seq x hidden bf16 per layer), so that largest matmul runs once;
+    # offload: its input only, in pinned CPU memory (frees seq x hidden x 4 bytes of GPU memory per layer).
+    checkpointing: Literal["full", "selective", "offload"] = "selective"
+    cuda_graphs: bool = False  # torch.compile's reduce-overhead mode for the compiled decoder layers
+    torch_dropout: bool = True  # compiled layers draw LoRA's dropout masks with torch's kernel, not Triton's RNG
+    cudnn_attention: bool = False  # training attention tries cuDNN's kernels before FlashAttention-2
+
+
 class TrainConfig(StrictModel):
     """QLoRA fine-tuning of the surgery output (or of `model`, a folder or hub id)."""
 
@@ -116,6 +128,8 @@ class TrainConfig(StrictModel):
     # fast: the plain recipe's math with bf16 frozen tables, one dequantization per pass, compiled decoder layers
     # and fused cross-entropy on CUDA (train/fast_recipe.py); plain: peft's prepare_model_for_kbit_training.
     recipe: Literal["fast", "plain"] = "fast"
+    # Like num_gpus below, the levers change how fast the stage runs, not what it computes: kept out of fingerprints.
+    fast: FastRecipeConfig = Field(default_factory=FastRecipeConfig, exclude=True)
     max_shard_size: str = "5GB"  # shards of the merged export
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)

@@ -52,3 +52,78 @@ def test_output_keeps_the_input_dtype_so_an_fp32_stream_stays_fp32():
     layer.train()
     out = layer(torch.randn(2, 128, dtype=torch.float32, requires_grad=True))
     assert out.dtype == torch.float32
+
+
+# ---- what a decoder layer keeps for its backward ---------------------------------------------------------------
+# compile_decoder_layers with the compiler left out (torch.compile takes minutes on these CPUs and is torch's own
+# job): what is under test is that every checkpointing mode backpropagates exactly what full checkpointing does.
+
+def _no_compile(forward, **options):
+    return forward
+
+
+def _lora_llama(folder, checkpointing: str | None):
+    """A tiny Llama with dropout-0.1 LoRA and non-zero B matrices (so A's gradient depends on the dropout masks)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import LoraSettings
+    from train.fast_recipe import compile_decoder_layers
+    from train.model import prepare_for_training
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    peft_model = prepare_for_training(model, LoraSettings(r=4, alpha=8, dropout=0.1), gradient_checkpointing=True)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+    if checkpointing is not None:
+        compile_decoder_layers(peft_model.get_base_model().model.layers, checkpointing, compiler=_no_compile)
+    return peft_model.train()
+
+
+def _loss_and_gradients(model, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(1)  # the same dropout masks for every model
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", ["full", "selective", "offload"])
+def test_every_checkpointing_mode_backpropagates_what_transformers_checkpointing_does(tiny_llama, checkpointing):
+    folder = tiny_llama(num_hidden_layers=3)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
+    reference_loss, reference = _loss_and_gradients(_lora_llama(folder, None), ids)
+    loss, gradients = _loss_and_gradients(_lora_llama(folder, checkpointing), ids)
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    assert gradients.keys() == reference.keys()
+    for name, gradient in gradients.items():
+        assert torch.allclose(gradient, reference[name], rtol=1e-5, atol=1e-7), name
+    # The first layer's input needs no gradient; its LoRA weights still get one (offload's anchor).
+    first_q = next(g for name, g in gradients.items() if "layers.0.self_attn.q_proj.lora_A" in name)
+    assert first_q.abs().sum() > 0
+
+
+def test_selective_checkpointing_skips_exactly_each_layers_down_proj_product_in_the_backward(tiny_llama):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountProducts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    layers = 3
+    folder = tiny_llama(num_hidden_layers=layers)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
+    counts = {}
+    for checkpointing in ("full", "selective"):
+        model = _lora_llama(folder, checkpointing)
+        loss = model(input_ids=ids, labels=ids).loss
+        with CountProducts() as products:
+            loss.backward()
+        counts[checkpointing] = products.count
+    assert counts["full"] - counts["selective"] == layers

@@ -1,4 +1,4 @@
-"""The fast QLoRA recipe: the plain recipe's math at 1.5x its tokens/s (1.7x with micro-batch 2) on 24 GB.
+"""The fast QLoRA recipe: the plain recipe's math at a multiple of its tokens/s, on one 24 GB card.
 
 Measured on an H200 capped at 23 GiB with the 22b shape (benchmarks/RESULTS.md has the table and the notes),
 each lever kept only if it paid on its own:
@@ -14,15 +14,26 @@ each lever kept only if it paid on its own:
   LoRA elementwise work that otherwise run as hundreds of small kernels per layer.
 - **Fused linear cross-entropy** (liger-kernel, optional): the 32000-wide fp32 logits and their gradient are
   never materialized, which frees the memory for a micro-batch of 2 at 2048 tokens.
+- **What a layer keeps for its backward** (`train.fast.checkpointing`): `full` keeps only its input and runs the
+  layer again in the backward; `selective` also keeps its down_proj output (seq x hidden in bf16), so the largest
+  matmul is not run twice and the recompute is compiled into the backward; `offload` keeps only the input, in
+  pinned CPU memory, which frees seq x hidden x 4 bytes per layer (what lets the 33b shape fit).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import types
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+if TYPE_CHECKING:
+    from pipeline.config import FastRecipeConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +70,225 @@ def fuse_linear_cross_entropy(model: torch.nn.Module) -> bool:
     return True
 
 
-def compile_decoder_layers(layers: torch.nn.ModuleList) -> int:
-    """torch.compile each decoder layer's training forward; checkpointing stays outside the compiled region.
+# ---- what a decoder layer keeps for its backward -----------------------------------------------------------
 
-    Training blocks all have one shape, so one static graph serves every step; generation (the watchdog's
-    probes, with a growing KV cache) keeps the eager forward instead of recompiling for every length.
+def keep_down_proj_output(hidden_size: int, intermediate_size: int):
+    """A selective-checkpointing policy: save the down_proj product, recompute everything else.
+
+    Of a Llama layer's matmuls, down_proj's (K = intermediate, N = hidden) gives the most FLOPs per byte kept:
+    2 x intermediate FLOPs per output element, 2.7x q/k/v/o's or gate/up's on the 22b widths. Its input is still
+    recomputed (down_proj's LoRA needs it), so only that one product is skipped. Matched by shape, because the
+    policy sees aten ops, not modules; LoRA's products have the rank as one dimension and never match.
     """
-    for layer in layers:
-        eager = layer.forward
-        compiled = torch.compile(eager, dynamic=False)
-        layer.forward = lambda *args, _layer=layer, _eager=eager, _compiled=compiled, **kwargs: (
-            _compiled(*args, **kwargs) if _layer.training else _eager(*args, **kwargs)
-        )
+    def policy(ctx, op, *args, **kwargs):
+        if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            a, b = args[-2], args[-1]
+            if a.shape[-1] == intermediate_size and b.shape[-1] == hidden_size:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+class _OffloadSlot:
+    """One decoder layer's input between its forward and its backward, in pinned CPU memory.
+
+    Copies run on a side stream so they overlap the layers' compute; the backward of layer i starts the copy back
+    of layer i-1's input, so it is usually there when needed. On CPU (the tests) the slot keeps a plain copy.
+    """
+
+    def __init__(self, offload: ActivationOffload, index: int):
+        self.offload, self.index = offload, index
+        self.host: torch.Tensor | None = None
+        self.fetched: torch.Tensor | None = None
+
+    def store(self, hidden: torch.Tensor) -> None:
+        if hidden.device.type != "cuda":
+            self.host = hidden.detach().clone()
+            return
+        if self.host is None or self.host.shape != hidden.shape or self.host.dtype != hidden.dtype:
+            self.host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        stream = self.offload.stream(hidden.device)
+        stream.wait_stream(torch.cuda.current_stream(hidden.device))
+        with torch.cuda.stream(stream):
+            self.host.copy_(hidden.detach(), non_blocking=True)
+        hidden.record_stream(stream)  # its memory is not reused before the copy has read it
+        self.device = hidden.device
+
+    def fetch(self) -> None:
+        if self.host is None or self.fetched is not None:
+            return
+        if not self.host.is_pinned():
+            self.fetched = self.host
+            return
+        with torch.cuda.stream(self.offload.stream(self.device)):
+            self.fetched = self.host.to(self.device, non_blocking=True)
+
+    def load(self) -> torch.Tensor:
+        self.fetch()
+        hidden, self.fetched = self.fetched, None
+        if hidden.device.type == "cuda":
+            current = torch.cuda.current_stream(hidden.device)
+            current.wait_stream(self.offload.stream(hidden.device))
+            hidden.record_stream(current)
+        if self.index > 0:
+            self.offload.slots[self.index - 1].fetch()  # the next layer the backward reaches
+        return hidden
+
+
+class ActivationOffload:
+    """The offload slots of one model's decoder layers and the side stream their copies run on."""
+
+    def __init__(self, layers: int):
+        self.slots = [_OffloadSlot(self, i) for i in range(layers)]
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Checkpointing whose only kept tensor, the layer's input, waits in CPU memory for the backward.
+
+    Reentrant-style: the forward's graph is dropped as soon as the layer has run, the backward reruns the layer
+    with the forward's RNG state (the same dropout masks) and autocast, then backpropagates through it. Both runs
+    build the autograd graph, so a compiled layer runs one compiled graph twice, as under full checkpointing (a
+    no-grad graph could number its random ops differently). `anchor` requires grad so that the first layer, whose
+    input does not, still gets a backward (its LoRA weights need one).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, anchor, slot, run):
+        ctx.slot, ctx.run = slot, run
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.autocast = (hidden.device.type, torch.is_autocast_enabled(hidden.device.type),
+                        torch.get_autocast_dtype(hidden.device.type))
+        slot.store(hidden)
+        with torch.enable_grad():  # the input's requires_grad as in the backward's rerun: the same compiled graph
+            return run(hidden.detach().requires_grad_(hidden.requires_grad)).detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden = ctx.slot.load().detach().requires_grad_(ctx.needs_input_grad[0])  # needs_input_grad: as in forward
+        device_type, autocast, dtype = ctx.autocast
+        devices = [hidden.device] if hidden.is_cuda else []
+        with torch.random.fork_rng(devices=devices, device_type=device_type):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
+            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
+                out = ctx.run(hidden)
+        torch.autograd.backward(out, grad)
+        return hidden.grad if ctx.needs_input_grad[0] else None, None, None, None
+
+
+def selective_checkpoint(policy):
+    """A decoder layer's forward under selective checkpointing, for one torch.compile shared by every layer.
+
+    The layer comes in as an argument, like `self` of a compiled bound method, so the one compiled graph serves all
+    layers; a function per layer (or a policy per layer) would be recompiled for each and, past dynamo's limit of
+    8, silently run eager.
+    """
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+
+    def forward(layer, *args, **kwargs):
+        return checkpoint(type(layer).forward, layer, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+    return forward
+
+
+def offloaded_checkpoint(compiled, slot: _OffloadSlot, attention_context=contextlib.nullcontext):
+    """A layer's forward whose input waits in CPU memory; the backward's rerun sees the forward's attention choice."""
+    anchor = torch.ones((), requires_grad=True)
+
+    def forward(hidden_states, *args, **kwargs):
+        def run(hidden):
+            with attention_context():
+                return compiled(hidden, *args, **kwargs)
+
+        return _OffloadedCheckpoint.apply(hidden_states, anchor, slot, run)
+
+    return forward
+
+
+def cudnn_attention_first():
+    """scaled_dot_product_attention tries cuDNN's attention first (Hopper kernels), then flash, efficient, math.
+
+    torch's own order puts flash (FlashAttention-2) first; the choice is made when a layer is traced, so the
+    context only needs to hold around the compiled training forward (generation keeps torch's order).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "full", cuda_graphs: bool = False,
+                           compiler=torch.compile, attention_context=contextlib.nullcontext) -> int:
+    """torch.compile each decoder layer's training forward and take over its activation checkpointing.
+
+    transformers checkpoints around the layer's `__call__` (5.17) or inside its `forward` (5.24); doing it here
+    instead makes the compiled region the same on both: the layer's own forward, checkpointed outside (`full`,
+    `offload`) or inside (`selective`). Layers that were not checkpointed are compiled alone. Training blocks all
+    have one shape, so one static graph serves every step; generation (the watchdog's probes, with a growing KV
+    cache) and no-grad forwards keep the eager forward instead of recompiling for every length.
+    """
+    compiler = functools.partial(compiler, dynamic=False, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
+    offload = ActivationOffload(len(layers)) if checkpointing == "offload" else None
+    down_proj = layers[0].mlp.down_proj  # a LoRA wrapper knows its base layer's widths
+    selective = (compiler(selective_checkpoint(keep_down_proj_output(down_proj.out_features, down_proj.in_features)))
+                 if checkpointing == "selective" else None)
+    for index, layer in enumerate(layers):
+        eager = types.MethodType(type(layer).forward, layer)
+        if not getattr(layer, "gradient_checkpointing", False):
+            train_forward = compiler(eager)
+        elif selective is not None:
+            train_forward = functools.partial(selective, layer)
+        elif offload is not None:
+            train_forward = offloaded_checkpoint(compiler(eager), offload.slots[index], attention_context)
+        else:
+            train_forward = functools.partial(checkpoint, compiler(eager), use_reentrant=False)
+        layer.gradient_checkpointing = False  # done here, once, around or inside the compiled forward
+
+        def forward(*args, _layer=layer, _eager=eager, _train=train_forward, **kwargs):
+            if not (_layer.training and torch.is_grad_enabled()):
+                return _eager(*args, **kwargs)
+            with attention_context():
+                return _train(*args, **kwargs)
+
+        layer.forward = forward
     return len(layers)
 
 
-def apply_cuda_levers(peft_model: torch.nn.Module) -> list[str]:
+def draw_dropout_masks_with_torch() -> None:
+    """Let compiled graphs call torch's dropout kernel instead of generating the random numbers in Triton.
+
+    Inductor draws one Philox call per element (tl.rand keeps one of its four outputs); LoRA's seven dropouts per
+    layer are 237M elements per pass at 4096 tokens on the 22b widths, and that integer work was most of the Triton
+    time in the profile. torch's own kernel keeps all four. A process-wide inductor setting (`fallback_random`):
+    the decoder layers are all this process compiles.
+    """
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
+
+
+def apply_cuda_levers(peft_model: torch.nn.Module, fast: FastRecipeConfig) -> list[str]:
     """Apply every lever to a LoRA-wrapped 4-bit Llama on CUDA; returns their names for the log."""
     causal_lm = peft_model.get_base_model()
     applied = [f"one dequantization per pass on {dequantize_once_per_pass(causal_lm)} 4-bit linears"]
     if fuse_linear_cross_entropy(causal_lm):
         applied.append("fused linear cross-entropy (liger-kernel)")
-    applied.append(f"{compile_decoder_layers(causal_lm.model.layers)} compiled decoder layers")
+    if fast.torch_dropout:
+        draw_dropout_masks_with_torch()
+    attention = cudnn_attention_first if fast.cudnn_attention else contextlib.nullcontext
+    compiled = compile_decoder_layers(causal_lm.model.layers, fast.checkpointing, fast.cuda_graphs,
+                                      attention_context=attention)
+    extras = [name for name, on in (("CUDA graphs", fast.cuda_graphs), ("torch dropout", fast.torch_dropout),
+                                    ("cuDNN attention", fast.cudnn_attention)) if on]
+    applied.append(f"{compiled} compiled decoder layers{' with ' + ', '.join(extras) if extras else ''}, "
+                   f"{fast.checkpointing} activation checkpointing")
     return applied

@@ -19,7 +19,7 @@ import torch
 from pipeline.errors import UserError, error_reason
 
 if TYPE_CHECKING:  # only for hints: benchmarks/train_bench.py runs this module without pydantic installed
-    from pipeline.config import LoraSettings, TrainConfig
+    from pipeline.config import FastRecipeConfig, LoraSettings, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def prepare_for_training(model, lora: LoraSettings, gradient_checkpointing: bool, recipe: str = "fast",
-                         sharded: bool = False):
+                         sharded: bool = False, fast: FastRecipeConfig | None = None):
     """Freeze the base, add LoRA on the configured projections, enable checkpointing; returns the peft model.
 
     `plain` is peft's own QLoRA preparation (fp32 upcast of every non-4-bit weight), kept as the reference the
@@ -162,13 +162,15 @@ def prepare_for_training(model, lora: LoraSettings, gradient_checkpointing: bool
     log.info("model: LoRA r=%d alpha=%g on %s: %s trainable parameters", lora.r, lora.alpha,
              ",".join(lora.target_modules), f"{trainable:,}")
     if recipe == "fast" and quantized_layers and not sharded and next(model.parameters()).is_cuda:
+        from pipeline.config import FastRecipeConfig
         from train.fast_recipe import apply_cuda_levers
 
-        log.info("model: fast recipe on CUDA: %s", ", ".join(apply_cuda_levers(peft_model)))
+        levers = apply_cuda_levers(peft_model, fast or FastRecipeConfig())
+        log.info("model: fast recipe on CUDA: %s", ", ".join(levers))
     return peft_model
 
 
 def load_for_training(model_dir: Path, train: TrainConfig, device: torch.device):
     sharded = train.distributed == "fsdp"
     model = load_base_model(model_dir, train.quantization, device, sharded)
-    return prepare_for_training(model, train.lora, train.gradient_checkpointing, train.recipe, sharded)
+    return prepare_for_training(model, train.lora, train.gradient_checkpointing, train.recipe, sharded, train.fast)
