@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from eval import benchmarks as bench
 from eval.plots import plot_benchmarks, plot_training_loss
+from eval.results import BenchmarkRun, ModelResults
 from eval.stats import Estimate, combine_equal_weight
 from pipeline.config import RunConfig
 from pipeline.runs import write_json_atomic
-
-if TYPE_CHECKING:
-    from eval.stage import BenchmarkRun, ModelResults
 
 LOSS_PLOT = "training_loss.png"
 BENCHMARK_PLOT = "benchmarks.png"

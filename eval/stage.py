@@ -11,47 +11,23 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from eval import benchmarks as bench
 from eval.models import ModelEntry, free_memory, load_model, load_tokenizer, models_to_evaluate, pick_device
-from eval.perplexity import Perplexity, heldout_perplexity, read_heldout_texts
+from eval.perplexity import heldout_perplexity, read_heldout_texts
 from eval.preservation import fallback_texts, logits_on, preservation_token_ids
-from eval.probe import EXIT_DEGENERATE, ProbeResult, probe_model, summary_lines
+from eval.probe import EXIT_DEGENERATE, probe_model, summary_lines
 from eval.report import write_report
+from eval.results import BenchmarkRun, ModelResults
 from eval.tracking import log_report, start_eval_run
 from pipeline.config import RunConfig
-from pipeline.logits import LogitAgreement, logit_agreement
+from pipeline.logits import logit_agreement
 from pipeline.runs import atomic_output_dir, stage_fingerprint, write_manifest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelResults:
-    """Everything measured on one model; absent parts carry the reason they were skipped."""
-
-    entry: ModelEntry
-    dtype: str
-    probe: ProbeResult
-    perplexity: Perplexity | None = None
-    preservation: LogitAgreement | None = None
-    benchmark_scores: dict[str, dict[int, float]] | None = None
-    skipped: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class BenchmarkRun:
-    """The benchmark plan shared by all models: leaf tasks, chosen items, where the task files are."""
-
-    leaves: list[bench.LeafTask]
-    skipped: dict[str, str]
-    items: dict[str, list[int]]
-    task_dir: Path
-    source: str
 
 
 def prepare_benchmarks(
