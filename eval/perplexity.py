@@ -63,7 +63,7 @@ def document_nll(model, ids: list[int], window: int) -> tuple[float, int]:
     total, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = torch.tensor([ids[start : start + window + 1]], device=device)
-        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        logits = model(input_ids=chunk[:, :-1], use_cache=False).logits.float()
         total += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
         count += chunk.shape[1] - 1
     return total, count

@@ -12,6 +12,7 @@ from pathlib import Path
 from eval.benchmarks import LeafTask
 from eval.models import ModelEntry
 from eval.perplexity import Perplexity
+from eval.placement import Place
 from eval.probe import ProbeResult
 from pipeline.logits import LogitAgreement
 
@@ -21,8 +22,10 @@ class ModelResults:
     """Everything measured on one model; absent parts carry the reason they were skipped."""
 
     entry: ModelEntry
-    dtype: str
+    dtype: str  # what it was scored in (the run's precision)
+    stored_dtype: str  # what its checkpoint holds
     probe: ProbeResult
+    placement: dict[str, Place] = field(default_factory=dict)  # where the scoring load's weights went
     perplexity: Perplexity | None = None
     preservation: LogitAgreement | None = None
     benchmark_scores: dict[str, dict[int, float]] | None = None
