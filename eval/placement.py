@@ -55,6 +55,17 @@ def memory_budgets(device: torch.device) -> dict[int | str, int]:
     return budgets
 
 
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its one device, or for a model accelerate spread out, the device it computes
+    offloaded layers on (the GPU, else the CPU). Not the first parameter's device: an offloaded embedding's
+    parameters are meta tensors."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return next(model.parameters()).device
+    computing = [where for where in device_map.values() if where not in ("cpu", "disk")]
+    return torch.device(computing[0]) if computing else torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class Place:
     """How much of a model ended up on one device."""

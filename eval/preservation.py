@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from eval.placement import input_device
+
 FALLBACK_TEXT = Path(__file__).with_name("fixtures") / "heldout_text.jsonl"
 
 
@@ -41,7 +43,7 @@ def logits_on(model, token_ids: list[list[int]]) -> list[torch.Tensor]:
     once. The texts are right-padded and need no attention mask: under causal attention no real token attends to
     a later position, and the pads' own logits are cut off.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows = [torch.tensor(ids) for ids in token_ids]
     batch = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0).to(device)
     logits = model(input_ids=batch, use_cache=False).logits

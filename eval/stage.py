@@ -108,7 +108,10 @@ def evaluate_model(
     return results, logits if base is None else None
 
 
-def compare_with_base(results: ModelResults, logits: list[torch.Tensor], base_logits: list[torch.Tensor] | None):
+def compare_with_base(
+    results: ModelResults, logits: list[torch.Tensor], base_logits: list[torch.Tensor] | None
+) -> None:
+    """Fill `results.preservation` (or the reason it was skipped); nothing to compare for the base itself."""
     if base_logits is None:
         return
     if logits[0].shape[-1] != base_logits[0].shape[-1]:

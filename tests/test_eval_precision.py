@@ -51,6 +51,48 @@ def test_one_precision_for_every_model_float32_only_when_the_largest_fits(tiny_l
     assert choose_precision("float16", models, cpu).compute == "float16"
 
 
+@pytest.mark.usefixtures("one_intra_op_thread")
+def test_preservation_is_float32_whatever_the_scoring_precision(tiny_llama_with_tokenizer, tiny_llama, tmp_path,
+                                                               monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.preservation import fallback_texts, logits_on, preservation_token_ids
+    from pipeline.logits import logit_agreement
+
+    base = tiny_llama_with_tokenizer("base", dtype=torch.float16)
+    donor = tiny_llama("donor", hidden_size=48, num_attention_heads=6, num_key_value_heads=6, intermediate_size=96,
+                       vocab_size=49152, seed=1)
+    wide = tmp_path / "wide"
+    assert surgery_main(["--base", str(base), "--donor", str(donor), "--out", str(wide), "--mode", "readers",
+                         "--dtype", "bfloat16"]) == 0
+    # Room for the widened model in bf16 (~10 MB) but not in fp32 (~20 MB): scoring in bf16, preservation's
+    # float32 load partly on disk.
+    host_with(monkeypatch, 16_000_000)
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "eval": {
+        "models": [str(base), str(wide)],
+        "probe": {"prompts": 1, "max_new_tokens": 16, "fail_on_degenerate": False},
+        "preservation": {"texts": 4, "max_tokens": 32},
+        "perplexity": {"enabled": False},
+        "benchmarks": {"enabled": False},
+        "wandb": {"mode": "disabled"},
+    }}))
+    assert eval_main(["--config", str(config)]) == 0
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert report["precision"]["compute"] == "bfloat16"
+    assert [m["dtype"] for m in report["models"]] == ["bfloat16", "bfloat16"]
+
+    # The same numbers as float32 models loaded whole: the scoring precision did not reach preservation.
+    ids = preservation_token_ids(AutoTokenizer.from_pretrained(base), fallback_texts(), 4, 32)
+    direct = logit_agreement(*(logits_on(AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval(), ids)
+                               for f in (base, wide)))
+    reported = report["preservation"]["wide"]
+    assert reported["positions"] == direct.positions == 128
+    assert reported["mean_kl"] == pytest.approx(direct.mean_kl, rel=1e-6)
+    assert reported["top1_agreement"] == direct.top1_agreement
+    assert reported["max_abs_delta"] == pytest.approx(direct.max_abs_delta, rel=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_intra_op_thread")
 def test_an_exact_widening_of_an_fp16_base_keeps_the_bar_when_fp32_does_not_fit(tmp_path, smollm2_dir,
