@@ -11,7 +11,8 @@ deep, saves it once (5 GB safetensors shards) under a temp dir, then in one proc
   less the memory allocated after loading;
 - `offload`: eval.models.load_model with the GPU's free memory reported as `--card-gib` (accelerate's
   get_max_memory stood in for; real allocations are not capped), so layers go to CPU RAM as a 22b's do on a 24 GB
-  card: placement, the time and peak of the same scoring forward, and a greedy generate with a KV cache;
+  card: placement, the time and peak of the same scoring forward (and from the time, the rate at which the CPU-held
+  weights cross to the GPU, which sets eval's time at real size), and a greedy generate with a KV cache;
 - `preservation`: eval.models.load_model in float32 (streamed) with the host's MemAvailable also reported as
   `--host-gib`, so layers go to disk too; one batched logits_on forward over 16 x 256 tokens.
 
@@ -125,6 +126,7 @@ def main() -> None:
               f"scoring batch {args.batch} x {args.seq} tokens on {device}")
 
         baseline = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=str(device)).eval()
+        scoring_forward(baseline, ids[:1, :8], device)  # warm-up: kernel and workspace set-up counts for neither
         base_seconds, base_peak = scoring_forward(baseline, ids, device)
         release(baseline)
         model = load_model(entry, device, torch.bfloat16)
@@ -138,16 +140,21 @@ def main() -> None:
 
         emulate(int(args.card_gib * GIB), None)
         model = load_model(entry, device, torch.bfloat16)
-        where = describe_placement(placement_summary(model), args.layers)
+        summary = placement_summary(model)
+        where = describe_placement(summary, args.layers)
         seconds, peak = scoring_forward(model, ids, device)
+        host_bytes = summary["cpu"].bytes if "cpu" in summary else 0
+        # The extra time over the all-resident forward is the CPU-held weights crossing to the GPU.
+        rate = host_bytes / 1e9 / (seconds - eval_seconds) if host_bytes and seconds > eval_seconds else float("nan")
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(ids[:4, :64].to(device), attention_mask=torch.ones_like(ids[:4, :64]).to(device),
                            max_new_tokens=16, do_sample=False, use_cache=True, pad_token_id=0)
         generate_seconds = time.perf_counter() - start
         release(model)
-        print(f"offload (card reported as {args.card_gib} GiB): {where}; scoring forward {seconds:.2f} s, peak "
-              f"{peak:.2f} GiB above the resident weights; generate 4 x 16 tokens {generate_seconds:.2f} s")
+        print(f"offload (card reported as {args.card_gib} GiB): {where}; scoring forward {seconds:.2f} s "
+              f"(CPU-held weights cross at {rate:.1f} GB/s), peak {peak:.2f} GiB above the resident weights; "
+              f"generate 4 x 16 tokens {generate_seconds:.2f} s")
 
         emulate(int(args.card_gib * GIB), int(args.host_gib * GIB))
         model = load_model(entry, device, torch.float32, streamed=True)
