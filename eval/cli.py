@@ -47,7 +47,8 @@ def probe_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", type=int, default=defaults.prompts, help="how many shipped prompts")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="one dtype for both models; auto: float32 when the larger fits, else its half precision")
     parser.add_argument("--json", type=Path, help="also write verdicts, rates and every sample to this file")
     return parser
 

@@ -307,8 +307,10 @@ def test_a_degenerate_verdict_is_recorded_and_a_rerun_reports_it_at_once(tmp_pat
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or load(*a, **k))
     base = write_tiny_smol(tmp_path / "base", smollm2_dir, seed=0)
     zeroed = write_tiny_smol(tmp_path / "zeroed", smollm2_dir, seed=0, zero_writers=True)
-    config = write_config(tmp_path / "eval.yaml", tmp_path / "run", [base, zeroed],
-                          preservation={"enabled": False})
+    one_item = {"n": 1, "num_fewshot": 0}
+    config = write_config(tmp_path / "eval.yaml", tmp_path / "run", [base, zeroed], preservation={"enabled": False},
+                          benchmarks={"arc_challenge": one_item, "hellaswag": one_item, "mmlu": one_item,
+                                      "truthfulqa_mc2": one_item})
     assert eval_main(["--config", str(config)]) == 3
     out = tmp_path / "run" / "eval"
     report = json.loads((out / "report.json").read_text())
