@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from eval.placement import MEMORY_MARGIN, available_memory
+from eval.placement import MEMORY_MARGIN, available_memory, human_bytes
 from pipeline.checkpoint import CheckpointReader
 
 HALF_DTYPES = ("bfloat16", "float16")
@@ -70,16 +70,18 @@ def choose_precision(setting: str, models: dict[str, Path], device: torch.device
         return Precision(setting, "float32", f"eval.dtype is {setting}")
     sizes = {label: parameter_count(folder) for label, folder in models.items()}
     largest = max(sizes, key=sizes.get)
-    needed = sizes[largest] * 4 * MEMORY_MARGIN
+    count = sizes[largest]
+    size = f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.1f}M"
+    needed = count * 4 * MEMORY_MARGIN
     free = available_memory(device)
-    where = f"the {free / 1e9:.1f} GB free on {device}"
+    where = f"the {human_bytes(free)} free on {device}"
     if needed <= free:
-        return Precision("float32", "float32", f"float32 for every model: the largest ({largest}, "
-                         f"{sizes[largest] / 1e9:.2f}B parameters) fits {where} with room for activations")
+        return Precision("float32", "float32", f"float32 for every model, preservation included: the largest "
+                         f"({largest}, {size} parameters) fits {where} with room for activations")
     stored = stored_dtype(models[largest])
     half = stored if stored in HALF_DTYPES else "bfloat16"
     why_half = "its stored dtype" if stored == half else "the half precision with float32's range"
-    return Precision(half, "float32", f"{half} for every model: the largest ({largest}, {sizes[largest] / 1e9:.2f}B "
-                     f"parameters) needs {needed / 1e9:.1f} GB in float32 with room for activations, more than "
-                     f"{where}; {half} is {why_half}; preservation's logits are float32 from a second load spread "
-                     "over the GPU, CPU RAM and disk")
+    return Precision(half, "float32", f"{half} for every model: the largest ({largest}, {size} parameters) needs "
+                     f"{human_bytes(needed)} in float32 with room for activations, more than {where}; {half} is "
+                     f"{why_half}. Preservation's logits are float32, from a second load of each model spread over "
+                     "the GPU, CPU RAM and disk")

@@ -152,7 +152,7 @@ def render_markdown(report: dict, samples: dict[str, list[dict]]) -> str:
         f"**{m['label']}** (`{m['ref']}`, stored in {m['stored_dtype']}"
         + (f", {m['merged_into']}" if "merged_into" in m else "") + ")" for m in report["models"]) + ".")
     precision = report["precision"]
-    lines += ["", f"Precision: {precision['reason']}. Preservation logits: {precision['preservation']}."]
+    lines += ["", f"Precision: {precision['reason']}."]
     lines += ["", "## Degeneration probe", ""]
     probe = report["probe"]
     lines.append(f"Greedy decoding, repetition penalty and n-gram blocking off, {probe['prompts']} prompts, "
