@@ -13,7 +13,10 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from eval.models import ModelEntry, free_memory, load_model, load_tokenizer, pick_device
+from eval.precision import Precision, choose_precision
 from eval.probe import EXIT_DEGENERATE, ProbeResult, probe_model, summary_lines
 from pipeline.config import ProbeConfig, load_config
 from pipeline.errors import UserError, run_cli
@@ -44,21 +47,20 @@ def probe_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", type=int, default=defaults.prompts, help="how many shipped prompts")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="one dtype for both models; auto: float32 when the larger fits, else its half precision")
     parser.add_argument("--json", type=Path, help="also write verdicts, rates and every sample to this file")
     return parser
 
 
-def _probe_one(label: str, ref: str, settings: ProbeConfig, args, base: ProbeResult | None,
-               tokenizer_fallback: Path | None) -> tuple[ProbeResult, Path]:
-    path = resolve_model(ref)
-    entry = ModelEntry(label, ref, path)
-    tokenizer = load_tokenizer(path, fallback=tokenizer_fallback)
-    model = load_model(entry, pick_device(args.device), args.dtype)
-    result = probe_model(label, model, tokenizer, settings, base)
+def _probe_one(entry: ModelEntry, settings: ProbeConfig, device: torch.device, precision: Precision,
+               base: ProbeResult | None, tokenizer_fallback: Path | None) -> ProbeResult:
+    tokenizer = load_tokenizer(entry.path, fallback=tokenizer_fallback)
+    model = load_model(entry, device, precision.compute_dtype)
+    result = probe_model(entry.label, model, tokenizer, settings, base)
     del model
     free_memory()
-    return result, path
+    return result
 
 
 def run_probe_cli(args) -> int:
@@ -67,10 +69,16 @@ def run_probe_cli(args) -> int:
     except ValueError as err:
         first = err.errors()[0] if hasattr(err, "errors") else {"loc": ("?",), "msg": str(err)}
         raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-    base_result, base_path = (None, None)
-    if args.base:
-        base_result, base_path = _probe_one("base", args.base, settings, args, None, None)
-    result, _ = _probe_one("model", args.model, settings, args, base_result, base_path)
+    model_entry = ModelEntry("model", args.model, resolve_model(args.model))
+    base_entry = ModelEntry("base", args.base, resolve_model(args.base)) if args.base else None
+    device = pick_device(args.device)
+    # One dtype for both, as in the stage: the verdict compares the two models, not two precisions.
+    entries = [e for e in (base_entry, model_entry) if e is not None]
+    precision = choose_precision(args.dtype, {e.label: e.path for e in entries}, device)
+    log.info("%s", precision.reason)
+    base_result = _probe_one(base_entry, settings, device, precision, None, None) if base_entry else None
+    result = _probe_one(model_entry, settings, device, precision, base_result,
+                        base_entry.path if base_entry else None)
     for probed in (base_result, result):
         if probed is not None:
             print("\n".join(summary_lines(probed)))

@@ -8,32 +8,43 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import CheckpointReader
+from eval.placement import describe_placement, human_bytes, memory_budgets, placement_summary
 from pipeline.config import RunConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, error_reason
 from pipeline.models import resolve_model
 from pipeline.runs import read_manifest
 
 log = logging.getLogger(__name__)
 
-# Room for activations, the KV cache and the allocator on top of the weights.
-MEMORY_MARGIN = 1.3
-
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A model to evaluate: a short label for tables, the reference as configured, and its local folder."""
+    """A model to evaluate: a short label for tables, the reference as configured, and its local folder.
+
+    `merge` is the train stage's record of how a merged export was made (its manifest's "merge": {"into":
+    "base" | "dequantized_nf4", ...}), so the report can say which weights the trained model's scores belong to.
+    """
 
     label: str
     ref: str
     path: Path
+    merge: dict | None = None
+
+
+def merge_record(folder: Path) -> dict | None:
+    """The train stage's "merge" record when `folder` is a train stage's `merged/` export, else None."""
+    if folder.name != "merged":
+        return None
+    manifest = read_manifest(folder.parent)
+    if manifest is None or manifest.get("stage") != "train":
+        return None
+    merge = manifest.get("merge")
+    return merge if isinstance(merge, dict) else None
 
 
 def default_model_refs(config: RunConfig) -> list[str]:
@@ -76,7 +87,8 @@ def models_to_evaluate(config: RunConfig) -> list[ModelEntry]:
         label = _label(ref, config, base_ref)
         while label in {e.label for e in entries}:
             label += "'"
-        entries.append(ModelEntry(label, ref, resolve_model(ref)))
+        path = resolve_model(ref)
+        entries.append(ModelEntry(label, ref, path, merge_record(path)))
     return entries
 
 
@@ -86,49 +98,6 @@ def pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
-
-
-def parameter_count(folder: Path) -> int:
-    reader = CheckpointReader(folder)
-    return sum(math.prod(reader.shape(name)) for name in reader.names)
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def choose_dtype(setting: str, folder: Path, device: torch.device) -> torch.dtype | str:
-    """float32 where the weights (with margin) fit in free memory, else the checkpoint's dtype ("auto").
-
-    fp32 makes the preservation numbers mean something: bf16 rounding alone moves logits by ~0.1.
-    """
-    if setting != "auto":
-        return getattr(torch, setting)
-    needed = parameter_count(folder) * 4 * MEMORY_MARGIN
-    return torch.float32 if needed < free_memory_bytes(device) else "auto"
-
-
-def placement(folder: Path, dtype: torch.dtype | str, device: torch.device) -> tuple[str, dict | None]:
-    """(device_map, max_memory) for `from_pretrained`: the whole model on `device` when its weights fit with room
-    for activations; on a GPU too small for them (a 22b in bf16 is 44 GB, a 24 GB card holds about 18), accelerate
-    keeps the first layers on the GPU and the rest in CPU RAM. Slower, since those weights cross PCIe at every
-    forward, but the scores and logits stay those of the unquantized model."""
-    if device.type != "cuda":
-        return str(device), None
-    if dtype == "auto":
-        weight_bytes = CheckpointReader(folder).total_bytes()
-    else:
-        weight_bytes = parameter_count(folder) * torch.empty((), dtype=dtype).element_size()
-    free = free_memory_bytes(device)
-    if weight_bytes * MEMORY_MARGIN < free:
-        return str(device), None
-    gpu_budget = int(free / MEMORY_MARGIN)
-    log.warning("%s: %.1f GB of weights do not fit in %.1f GB of free GPU memory; keeping %.1f GB on the GPU and "
-                "the rest in CPU RAM (slower)", folder, weight_bytes / 1e9, free / 1e9, gpu_budget / 1e9)
-    cpu_budget = int(free_memory_bytes(torch.device("cpu")) * 0.9)
-    return "auto", {device.index or 0: gpu_budget, "cpu": cpu_budget}
 
 
 def load_tokenizer(folder: Path, fallback: Path | None = None):
@@ -144,18 +113,33 @@ def load_tokenizer(folder: Path, fallback: Path | None = None):
         return AutoTokenizer.from_pretrained(fallback)
 
 
-def load_model(entry: ModelEntry, device: torch.device, dtype_setting: str):
-    """The causal LM in eval mode on `device`, in the dtype `choose_dtype` picks."""
+def load_model(entry: ModelEntry, device: torch.device, dtype: torch.dtype, streamed: bool = False):
+    """The causal LM in eval mode, in `dtype`, placed by accelerate within eval's memory budgets.
+
+    Its config's KV cache is switched off: every scoring forward (lm-eval's `_model_call` among them) would
+    otherwise build one and keep every layer's keys and values alive to the end of the forward (~10 GiB more at
+    40 layers x 8 contexts of 1300 tokens); the probe's `generate` asks for a cache itself. `streamed` says the
+    caller expects layers on disk (one forward over them), so that is not worth a warning.
+    """
     from transformers import AutoModelForCausalLM
 
-    dtype = choose_dtype(dtype_setting, entry.path, device)
-    device_map, max_memory = placement(entry.path, dtype, device)
-    log.info("loading %s (%s) on %s in %s", entry.label, entry.path, device, dtype)
+    budgets = memory_budgets(device)
+    log.info("loading %s (%s) in %s on %s", entry.label, entry.path, str(dtype).removeprefix("torch."), device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=dtype, device_map=device_map,
-                                                     max_memory=max_memory)
+        model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=dtype, device_map="auto", max_memory=budgets)
     except OSError as err:
-        raise UserError(f"cannot load {entry.path} as a causal LM ({str(err).splitlines()[0]})") from None
+        raise UserError(f"cannot load {entry.path} as a causal LM ({error_reason(err)})") from None
+    model.config.use_cache = False
+    summary = placement_summary(model)
+    where = describe_placement(summary, model.config.num_hidden_layers)
+    if "disk" in summary and not streamed:
+        off_gpu = sum(place.bytes for key, place in summary.items() if key in ("cpu", "disk"))
+        log.warning("%s: %s. Layers on disk are read back from the checkpoint files at every forward, which is very "
+                    "slow; to avoid it, free CPU RAM (the layers off the GPU need about %s: close other programs) "
+                    "or use a box with more RAM%s", entry.label, where, human_bytes(off_gpu),
+                    ", or set eval.dtype=auto to halve the weights" if dtype == torch.float32 else "")
+    else:
+        log.info("%s: %s", entry.label, where)
     return model.eval()
 
 

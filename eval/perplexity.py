@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from eval.placement import input_device
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,11 @@ def read_heldout_texts(path: Path, max_texts: int | None = None) -> list[str]:
 @torch.no_grad()
 def document_nll(model, ids: list[int], window: int) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) of ids[1:] and how many tokens that covers."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = torch.tensor([ids[start : start + window + 1]], device=device)
-        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        logits = model(input_ids=chunk[:, :-1], use_cache=False).logits.float()
         total += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
         count += chunk.shape[1] - 1
     return total, count

@@ -2,8 +2,8 @@
 
 The surgery's exact modes promise identical logits up to float rounding; a trained model is expected to
 drift, and how far (KL) is worth seeing too. The base's logits are kept (fp32, on CPU) so that only one
-model is ever loaded at a time; the comparison itself is pipeline.logits.logit_agreement, the same one
-`python -m surgery verify` uses.
+model is ever loaded at a time; they are computed in float32 for every model (eval/precision.py says why), and
+the comparison itself is pipeline.logits.logit_agreement, the same one `python -m surgery verify` uses.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from eval.placement import input_device
 
 FALLBACK_TEXT = Path(__file__).with_name("fixtures") / "heldout_text.jsonl"
 
@@ -35,6 +37,14 @@ def fallback_texts() -> list[str]:
 
 @torch.no_grad()
 def logits_on(model, token_ids: list[list[int]]) -> list[torch.Tensor]:
-    """fp32 logits on CPU, one [tokens, vocab] tensor per text."""
-    device = next(model.parameters()).device
-    return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in token_ids]
+    """fp32 logits on CPU, one [tokens, vocab] tensor per text, from one batched forward without a KV cache.
+
+    One forward for all texts, so a model whose layers accelerate streams from CPU RAM or disk reads its weights
+    once. The texts are right-padded and need no attention mask: under causal attention no real token attends to
+    a later position, and the pads' own logits are cut off.
+    """
+    device = input_device(model)
+    rows = [torch.tensor(ids) for ids in token_ids]
+    batch = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0).to(device)
+    logits = model(input_ids=batch, use_cache=False).logits
+    return [logits[row, : len(ids)].float().cpu() for row, ids in enumerate(token_ids)]

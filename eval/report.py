@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from eval import benchmarks as bench
 from eval.plots import plot_benchmarks, plot_training_loss
+from eval.precision import Precision
+from eval.results import BenchmarkRun, ModelResults
 from eval.stats import Estimate, combine_equal_weight
 from pipeline.config import RunConfig
 from pipeline.runs import write_json_atomic
-
-if TYPE_CHECKING:
-    from eval.stage import BenchmarkRun, ModelResults
 
 LOSS_PLOT = "training_loss.png"
 BENCHMARK_PLOT = "benchmarks.png"
@@ -65,8 +64,32 @@ def _benchmark_section(results: list[ModelResults], run: BenchmarkRun, config: R
     return section, estimates
 
 
+# The train stage's manifest "merge": {"into": ...}: what `<run_dir>/train/merged` added the adapter to.
+MERGE_WORDS = {
+    "base": "merged into the {dtype} base weights",
+    "dequantized_nf4": "merged into the dequantized NF4 weights",
+}
+
+
+def _model_row(r: ModelResults) -> dict:
+    row = {"label": r.entry.label, "ref": r.entry.ref, "path": str(r.entry.path), "dtype": r.dtype,
+           "stored_dtype": r.stored_dtype,
+           "placement": {where: place.to_dict() for where, place in r.placement.items()}}
+    if r.entry.merge is not None:
+        row["merge"] = r.entry.merge
+        row["merged_into"] = merge_words(r.entry.merge, r.stored_dtype)
+    return row
+
+
+def merge_words(merge: dict, stored: str) -> str:
+    """Which weights the trained adapter was added to, in words (a merged export is stored in its base's dtype)."""
+    into = merge.get("into")
+    return MERGE_WORDS.get(into, "merged into {into}").format(dtype=stored, into=into)
+
+
 def build_report(
-    config: RunConfig, results: list[ModelResults], benchmarks: dict | None, plots: list[str], exit_code: int
+    config: RunConfig, results: list[ModelResults], benchmarks: dict | None, plots: list[str], exit_code: int,
+    precision: Precision,
 ) -> dict:
     base_label = results[0].entry.label
     report: dict[str, Any] = {
@@ -74,8 +97,8 @@ def build_report(
         "exit_code": exit_code,
         "base": base_label,
         "verdicts": {r.entry.label: r.probe.judgement.verdict for r in results},
-        "models": [{"label": r.entry.label, "ref": r.entry.ref, "path": str(r.entry.path), "dtype": r.dtype}
-                   for r in results],
+        "precision": precision.to_dict(),
+        "models": [_model_row(r) for r in results],
         "probe": {
             "prompts": config.eval.probe.prompts,
             "max_new_tokens": config.eval.probe.max_new_tokens,
@@ -126,7 +149,10 @@ def render_markdown(report: dict, samples: dict[str, list[dict]]) -> str:
     """report.md from the report payload and the probe samples."""
     lines = ["# frankenllama eval report", ""]
     lines.append(f"Run folder `{report['run_dir']}`. Models: " + ", ".join(
-        f"**{m['label']}** (`{m['ref']}`, {m['dtype']})" for m in report["models"]) + ".")
+        f"**{m['label']}** (`{m['ref']}`, stored in {m['stored_dtype']}"
+        + (f", {m['merged_into']}" if "merged_into" in m else "") + ")" for m in report["models"]) + ".")
+    precision = report["precision"]
+    lines += ["", f"Precision: {precision['reason']}."]
     lines += ["", "## Degeneration probe", ""]
     probe = report["probe"]
     lines.append(f"Greedy decoding, repetition penalty and n-gram blocking off, {probe['prompts']} prompts, "
@@ -143,7 +169,8 @@ def render_markdown(report: dict, samples: dict[str, list[dict]]) -> str:
     if report["exit_code"]:
         failed = [label for label, v in report["verdicts"].items() if v == "DEGENERATE"]
         lines += ["", f"**The stage failed (exit {report['exit_code']}): {', '.join(failed)} DEGENERATE.** "
-                      "No manifest was written, so the pipeline will rerun this stage."]
+                      "The verdict is recorded in manifest.json: a rerun with the same inputs reports it and exits "
+                      f"{report['exit_code']} at once; `--force` evaluates again."]
 
     lines += ["", "## Benchmarks", ""]
     section = report["benchmarks"]
@@ -207,6 +234,7 @@ def write_report(
     run: BenchmarkRun | None,
     log_history: list[dict] | None,
     exit_code: int,
+    precision: Precision,
 ) -> dict:
     """Write samples.jsonl, the plots, report.json and report.md into `out`; return the report payload."""
     samples = {r.entry.label: [s.to_dict() for s in r.probe.samples] for r in results}
@@ -221,7 +249,7 @@ def write_report(
     columns = {name: b.column for name, b in bench.BENCHMARKS.items()}
     if estimates and plot_benchmarks(estimates, columns, out / BENCHMARK_PLOT):
         plots.append(BENCHMARK_PLOT)
-    report = build_report(config, results, section, plots, exit_code)
+    report = build_report(config, results, section, plots, exit_code, precision)
     write_json_atomic(out / "report.json", report)
     (out / "report.md").write_text(render_markdown(report, samples))
     return report

@@ -2,56 +2,36 @@
 time, then the report folder `<run_dir>/eval/` written atomically with manifest.json last.
 
 Order matters: the base goes first because every later verdict, logit comparison and paired difference is
-against its numbers. A DEGENERATE model skips its benchmarks (they would only measure noise, slowly) and
-makes the stage exit 3; the report is still written so the failure can be read, but without a manifest,
-so the pipeline does not take the stage for done.
+against its numbers. Every model is computed in one precision (eval/precision.py). A DEGENERATE model skips its
+benchmarks (they would only measure noise, slowly) and makes the stage exit 3; the report and a manifest recording
+the verdicts and that exit code are still written, so a rerun with the same inputs reports the verdict and exits 3
+at once instead of repeating hours of eval to the same end (`--force` evaluates again).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from eval import benchmarks as bench
 from eval.models import ModelEntry, free_memory, load_model, load_tokenizer, models_to_evaluate, pick_device
-from eval.perplexity import Perplexity, heldout_perplexity, read_heldout_texts
+from eval.perplexity import heldout_perplexity, read_heldout_texts
+from eval.placement import placement_summary
+from eval.precision import Precision, choose_precision, stored_dtype
 from eval.preservation import fallback_texts, logits_on, preservation_token_ids
-from eval.probe import EXIT_DEGENERATE, ProbeResult, probe_model, summary_lines
+from eval.probe import EXIT_DEGENERATE, probe_model, summary_lines
 from eval.report import write_report
+from eval.results import BenchmarkRun, ModelResults
 from eval.tracking import log_report, start_eval_run
 from pipeline.config import RunConfig
-from pipeline.logits import LogitAgreement, logit_agreement
+from pipeline.logits import logit_agreement
+from pipeline.orchestrate import recorded_failure
 from pipeline.runs import atomic_output_dir, stage_fingerprint, write_manifest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelResults:
-    """Everything measured on one model; absent parts carry the reason they were skipped."""
-
-    entry: ModelEntry
-    dtype: str
-    probe: ProbeResult
-    perplexity: Perplexity | None = None
-    preservation: LogitAgreement | None = None
-    benchmark_scores: dict[str, dict[int, float]] | None = None
-    skipped: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class BenchmarkRun:
-    """The benchmark plan shared by all models: leaf tasks, chosen items, where the task files are."""
-
-    leaves: list[bench.LeafTask]
-    skipped: dict[str, str]
-    items: dict[str, list[int]]
-    task_dir: Path
-    source: str
 
 
 def prepare_benchmarks(
@@ -74,22 +54,24 @@ def evaluate_model(
     entry: ModelEntry,
     config: RunConfig,
     device: torch.device,
+    precision: Precision,
     base: ModelResults | None,
     base_logits: list[torch.Tensor] | None,
     heldout: list[str] | None,
     preservation_ids: list[list[int]],
     benchmark_run: BenchmarkRun | None,
 ) -> tuple[ModelResults, list[torch.Tensor] | None]:
-    """One model, loaded once; returns its results and, for the base, the logits later models compare with."""
+    """One model, loaded once (twice when preservation needs float32 and scoring does not); returns its results
+    and, for the base, the logits later models compare with."""
     settings = config.eval
     tokenizer = load_tokenizer(entry.path, fallback=base.entry.path if base else None)
-    model = load_model(entry, device, settings.dtype)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    model = load_model(entry, device, precision.compute_dtype)
     log.info("%s: probing %d prompts", entry.label, settings.probe.prompts)
     probe = probe_model(entry.label, model, tokenizer, settings.probe, base.probe if base else None)
     for line in summary_lines(probe):
         log.info("%s", line)
-    results = ModelResults(entry, dtype, probe)
+    results = ModelResults(entry, precision.compute, stored_dtype(entry.path), probe,
+                           placement=placement_summary(model))
 
     if not settings.perplexity.enabled:
         results.skipped["perplexity"] = "eval.perplexity.enabled is false"
@@ -99,18 +81,6 @@ def evaluate_model(
         results.perplexity = heldout_perplexity(model, tokenizer, heldout, settings.perplexity.window)
         log.info("%s: %.4f bits/byte, token perplexity %.2f", entry.label, results.perplexity.bits_per_byte,
                  results.perplexity.token_perplexity)
-
-    logits = None
-    if settings.preservation.enabled:
-        logits = logits_on(model, preservation_ids)
-        if base_logits is not None:
-            if logits[0].shape[-1] != base_logits[0].shape[-1]:
-                results.skipped["preservation"] = "vocabulary differs from the base's"
-            else:
-                results.preservation = logit_agreement(base_logits, logits)
-                p = results.preservation
-                log.info("%s vs base: max |delta logits| %.3g, KL %.3g nats, top-1 agreement %.1f%%", entry.label,
-                         p.max_abs_delta, p.mean_kl, 100 * p.top1_agreement)
 
     degenerate = probe.judgement.verdict == "DEGENERATE"
     if benchmark_run is None:
@@ -123,9 +93,33 @@ def evaluate_model(
             model, tokenizer, benchmark_run.task_dir, benchmark_run.leaves, benchmark_run.items,
             settings.benchmarks.batch_size,
         )
+
+    logits = None
+    if settings.preservation.enabled:
+        if precision.preservation_reloads:
+            del model
+            free_memory()
+            log.info("%s: preservation logits in %s", entry.label, precision.preservation)
+            model = load_model(entry, device, getattr(torch, precision.preservation), streamed=True)
+        logits = logits_on(model, preservation_ids)
+        compare_with_base(results, logits, base_logits)
     del model
     free_memory()
     return results, logits if base is None else None
+
+
+def compare_with_base(
+    results: ModelResults, logits: list[torch.Tensor], base_logits: list[torch.Tensor] | None
+) -> None:
+    """Fill `results.preservation` (or the reason it was skipped); nothing to compare for the base itself."""
+    if base_logits is None:
+        return
+    if logits[0].shape[-1] != base_logits[0].shape[-1]:
+        results.skipped["preservation"] = "vocabulary differs from the base's"
+        return
+    results.preservation = p = logit_agreement(base_logits, logits)
+    log.info("%s vs base: max |delta logits| %.3g, KL %.3g nats, top-1 agreement %.1f%%", results.entry.label,
+             p.max_abs_delta, p.mean_kl, 100 * p.top1_agreement)
 
 
 def _read_log_history(config: RunConfig) -> list[dict] | None:
@@ -142,6 +136,11 @@ def _read_log_history(config: RunConfig) -> list[dict] | None:
 
 def run_eval(config: RunConfig, force: bool = False) -> int:
     """Run the stage; 0 when done, EXIT_DEGENERATE when a model degenerated and the config says to fail."""
+    final = config.stage_dir("eval")
+    failure = None if force else recorded_failure(config, "eval")
+    if failure is not None:
+        print(f"eval: {failure[1]}; --force evaluates again")
+        return failure[0]
     entries = models_to_evaluate(config)
     device = pick_device(config.eval.device)
     # Before any model loads: a missing data source is a one-line error, not a failure after minutes.
@@ -158,9 +157,11 @@ def run_eval(config: RunConfig, force: bool = False) -> int:
         load_tokenizer(entries[0].path), heldout or fallback_texts(), config.eval.preservation.texts,
         config.eval.preservation.max_tokens,
     )
-    log.info("evaluating %s on %s", ", ".join(f"{e.label} ({e.ref})" for e in entries), device)
+    # Decided once, before any model loads, from the memory free then: the same dtypes for every model.
+    precision = choose_precision(config.eval.dtype, {e.label: e.path for e in entries}, device)
+    log.info("evaluating %s on %s; %s", ", ".join(f"{e.label} ({e.ref})" for e in entries), device, precision.reason)
 
-    with atomic_output_dir(config.stage_dir("eval"), force=force) as out:
+    with atomic_output_dir(final, force=force) as out:
         # Started before any model loads, so a wandb that cannot start fails the stage before the work.
         run = start_eval_run(config, out)
         exit_code = 1
@@ -171,24 +172,24 @@ def run_eval(config: RunConfig, force: bool = False) -> int:
             for entry in entries:
                 base = results[0] if results else None
                 model_results, logits = evaluate_model(
-                    entry, config, device, base, base_logits, heldout, preservation_ids, benchmark_run
+                    entry, config, device, precision, base, base_logits, heldout, preservation_ids, benchmark_run
                 )
                 base_logits = base_logits if base else logits
                 results.append(model_results)
             degenerate = [r.entry.label for r in results if r.probe.judgement.verdict == "DEGENERATE"]
             exit_code = EXIT_DEGENERATE if degenerate and config.eval.probe.fail_on_degenerate else 0
-            report = write_report(out, config, results, benchmark_run, _read_log_history(config), exit_code)
+            report = write_report(out, config, results, benchmark_run, _read_log_history(config), exit_code,
+                                  precision)
             if run is not None:
                 samples = {r.entry.label: [s.to_dict() for s in r.probe.samples] for r in results}
                 log_report(run, report, samples, out)
         finally:
             if run is not None:
                 run.finish(exit_code=exit_code)
-        if exit_code == 0:
-            write_manifest(out, "eval", fingerprint=stage_fingerprint(config, "eval"),
-                           verdicts=report["verdicts"], models={r.entry.label: r.entry.ref for r in results},
-                           wandb_run_id=run.id if run is not None else None)
-    final = config.stage_dir("eval")
+        # Also after a DEGENERATE verdict: the outcome is the stage's result, recorded so a rerun need not redo it.
+        write_manifest(out, "eval", fingerprint=stage_fingerprint(config, "eval"), exit_code=exit_code,
+                       verdicts=report["verdicts"], models={r.entry.label: r.entry.ref for r in results},
+                       precision=precision.to_dict(), wandb_run_id=run.id if run is not None else None)
     for label in degenerate:
         print(f"eval: {label} is DEGENERATE; see {final / 'report.md'}")
     print(f"eval: report in {final / 'report.md'}")

@@ -147,7 +147,7 @@ class ProbeConfig(StrictModel):
     prompts: int = Field(default=60, ge=1, le=60)  # the first N of pipeline/probe_prompts.jsonl
     max_new_tokens: int = Field(default=64, ge=16)  # the detector's one-token-run threshold is 8 tokens
     batch_size: int = Field(default=16, gt=0)
-    fail_on_degenerate: bool = True  # a DEGENERATE model makes the stage exit 3 (and leaves no manifest)
+    fail_on_degenerate: bool = True  # a DEGENERATE model makes the stage exit 3 (recorded in its manifest)
     skip_benchmarks_on_degenerate: bool = True
 
 
@@ -216,8 +216,9 @@ class EvalConfig(StrictModel):
     models: list[str] | None = None
     base: str | None = None  # the reference for verdicts and paired differences; None: surgery.base or models[0]
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: float32 where the model fits in the device's free memory (exact preservation numbers), else the
-    # checkpoint's own dtype
+    # One dtype for every model of the run (eval/precision.py). auto: float32 when the largest model fits the
+    # device's free memory in float32 with room for activations, else the largest model's stored half precision
+    # (bfloat16 when it is stored in float32). Preservation's logits are float32 either way.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     preservation: PreservationConfig = Field(default_factory=PreservationConfig)

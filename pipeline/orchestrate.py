@@ -54,6 +54,19 @@ def inputs_replaced(config: RunConfig, stage: str, manifest: dict) -> bool:
     return False
 
 
+def recorded_failure(config: RunConfig, stage: str) -> tuple[int, str] | None:
+    """(exit code, what failed) when the stage finished for these very inputs and recorded a non-zero outcome (eval's
+    DEGENERATE verdict): rerunning it would only repeat hours of work to the same end, so callers report it instead."""
+    manifest = read_manifest(config.stage_dir(stage))
+    if manifest is None or not manifest.get("exit_code") or stage_state(config, stage) != "complete":
+        return None
+    degenerate = [label for label, verdict in manifest.get("verdicts", {}).items() if verdict == "DEGENERATE"]
+    what = f"{', '.join(degenerate)} DEGENERATE" if degenerate else "failed"
+    report = config.stage_dir(stage) / "report.md"
+    return int(manifest["exit_code"]), (f"{what} (exit {manifest['exit_code']}, recorded {manifest.get('finished_at')} "
+                                        f"for these inputs; see {report if report.is_file() else report.parent})")
+
+
 # Each stage's main outputs, relative to its folder ("." is the folder itself: the surgery output is a model).
 STAGE_OUTPUTS: dict[str, dict[str, str]] = {
     "surgery": {"widened model": "."},
@@ -144,6 +157,10 @@ def run_pipeline(
     for stage in select_stages(start, only):
         state = stage_state(config, stage)
         if state == "complete" and not (force or rerun_rest):
+            failure = recorded_failure(config, stage)
+            if failure is not None:
+                print(f"[frankenllama] {stage}: {failure[1]}; `--only {stage} --force` runs it again")
+                return failure[0]
             print(f"[frankenllama] {stage}: complete for this config, skipping ({config.stage_dir(stage)})")
             continue
         args = [sys.executable, "-m", stage, "--config", config_path]
@@ -155,7 +172,9 @@ def run_pipeline(
         started = time.monotonic()
         code = subprocess.call(args)
         if code != 0:
-            print(f"[frankenllama] {stage} failed (exit {code}); fix the cause and rerun: completed stages are kept")
+            failure = recorded_failure(config, stage)
+            print(f"[frankenllama] {stage}: {failure[1]}; `--only {stage} --force` runs it again" if failure else
+                  f"[frankenllama] {stage} failed (exit {code}); fix the cause and rerun: completed stages are kept")
             return code
         if not (config.stage_dir(stage) / MANIFEST).is_file():
             raise UserError(f"{stage} exited 0 but wrote no {MANIFEST}; this is a bug, please report it")

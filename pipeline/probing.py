@@ -14,6 +14,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from pipeline.degeneration import OutputSignals, output_signals
@@ -112,16 +113,6 @@ class NonFiniteRecorder:
         return any(bool(step[index]) for step in self.steps[:n_steps])
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def generate_probe_samples(
     model,
@@ -158,7 +149,12 @@ def generate_probe_samples(
     results: dict[int, ProbeSample] = {}
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="probe", unit="batch", disable=not progress, leave=False):
-        input_ids, attention_mask = _left_pad([encoded[i] for i in batch], pad_id)
+        # Left padding, so every row's generated tokens start at the same column; torch's own padding rather than
+        # tokenizer.pad, which refuses tokenizers without a pad token (Llama-2's) and would need one set on the
+        # caller's tokenizer (the watchdog's is the trainer's).
+        rows = [torch.tensor(encoded[i], dtype=torch.long) for i in batch]
+        input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")
+        attention_mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
         recorder = NonFiniteRecorder()
         output = model.generate(
             input_ids=input_ids.to(device),

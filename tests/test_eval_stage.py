@@ -19,7 +19,7 @@ import yaml
 from eval.benchmarks import FIXTURES_DIR, TASKS_DIR, choose_items, plan_tasks
 from eval.cli import main as eval_main
 from pipeline.config import BenchmarksConfig, load_config
-from pipeline.runs import read_manifest, stage_fingerprint
+from pipeline.runs import read_manifest, stage_fingerprint, write_manifest
 
 LEADERBOARD_HEADER = "| model | Average | ARC (0-shot) | HellaSwag (0-shot) | MMLU (5-shot) | TruthfulQA (0-shot) |"
 HELDOUT = [
@@ -87,22 +87,23 @@ def write_config(path: Path, run_dir: Path, models: list[Path], **eval_overrides
 
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory, smollm2_dir):
-    """base, an identical copy of it, and another random model; the whole stage, run once."""
+    """base, an identical copy of it, and another random model standing in as the run's trained model (merged
+    export plus a train manifest saying how it was merged); the whole stage, run once."""
     root = tmp_path_factory.mktemp("eval_stage")
     base = write_tiny_smol(root / "base", smollm2_dir, seed=0)
     copy = write_tiny_smol(root / "copy", smollm2_dir, seed=0)
-    other = write_tiny_smol(root / "other", smollm2_dir, seed=1)
     run_dir = root / "run"
-    (run_dir / "train").mkdir(parents=True)
+    trained = write_tiny_smol(run_dir / "train" / "merged", smollm2_dir, seed=1)
+    write_manifest(run_dir / "train", "train", merge={"into": "dequantized_nf4"})
     (run_dir / "train" / "heldout.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in HELDOUT))
     history = [{"step": s, "loss": 4.0 / s, "learning_rate": 1e-4} for s in range(1, 6)] + [{"train_runtime": 3.0}]
     (run_dir / "train" / "log_history.json").write_text(json.dumps(history))
     # Random tiny models loop under greedy decoding; this run is about everything after the probe.
-    config_path = write_config(root / "eval.yaml", run_dir, [base, copy, other],
+    config_path = write_config(root / "eval.yaml", run_dir, [base, copy, trained],
                                probe={"fail_on_degenerate": False, "skip_benchmarks_on_degenerate": False})
     code = eval_main(["--config", str(config_path)])
     out = run_dir / "eval"
-    return {"code": code, "out": out, "config": load_config(config_path), "models": {"base": base, "other": other},
+    return {"code": code, "out": out, "config": load_config(config_path), "models": {"base": base, "trained": trained},
             "report": json.loads((out / "report.json").read_text())}
 
 
@@ -122,18 +123,28 @@ def test_report_folder_is_complete_and_well_formed(stage_run):
     assert manifest["verdicts"] == report["verdicts"]
     assert not list(out.parent.glob("eval.tmp-*"))
 
-    assert [m["label"] for m in report["models"]] == ["base", "copy", "other"]
+    assert [m["label"] for m in report["models"]] == ["base", "copy", "trained"]
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * 4
-    assert {r["model"] for r in rows} == {"base", "copy", "other"}
+    assert {r["model"] for r in rows} == {"base", "copy", "trained"}
     assert all(set(r["signals"]) >= {"longest_run", "seq_rep_4", "zlib_ratio", "failure"} for r in rows)
 
     markdown = (out / "report.md").read_text()
     assert LEADERBOARD_HEADER in markdown
-    for row_start in ("| base | ", "| copy | ", "| other | ", "| Δ other − base | ", "| Δ copy − base | "):
+    for row_start in ("| base | ", "| copy | ", "| trained | ", "| Δ trained − base | ", "| Δ copy − base | "):
         assert row_start in markdown
     assert "(n=4)" in markdown and "±" in markdown
     assert "![training loss](training_loss.png)" in markdown
+
+    # One precision for every model (fp32: they all fit), recorded in the report and the manifest.
+    assert report["precision"]["compute"] == "float32" == manifest["precision"]["compute"]
+    assert {m["dtype"] for m in report["models"]} == {"float32"} and manifest["exit_code"] == 0
+    assert "Precision: float32 for every model" in markdown
+    # Which weights the trained model's scores belong to, from the train manifest; no word for the others.
+    trained = report["models"][2]
+    assert trained["merge"] == {"into": "dequantized_nf4"}
+    assert "**trained** (`" in markdown and "merged into the dequantized NF4 weights)" in markdown
+    assert "merge" not in report["models"][0] and markdown.count("merged into") == 1
 
 
 def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
@@ -211,7 +222,7 @@ def test_benchmark_numbers_match_a_direct_computation(stage_run):
     assert len(items["arc_challenge"]) == 4 and len(items["truthfulqa_mc2"]) == 3
     assert [len(items[f"mmlu_{s}"]) for s in ("astronomy", "high_school_geography", "nutrition")] == [3, 4, 5]
     direct = {}
-    for label in ("base", "other"):
+    for label in ("base", "trained"):
         folder = stage_run["models"][label]
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         direct[label] = direct_item_scores(model, AutoTokenizer.from_pretrained(folder), items)
@@ -235,8 +246,8 @@ def test_benchmark_numbers_match_a_direct_computation(stage_run):
     assert scores["mmlu"]["n"] == 12
     columns = ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2")
     assert scores["average"]["value"] == pytest.approx(mean(scores[c]["value"] for c in columns))
-    diff = section["paired_vs_base"]["other"]["arc_challenge"]
-    expected = mean(direct["other"]["arc_challenge"][i] - base["arc_challenge"][i] for i in items["arc_challenge"])
+    diff = section["paired_vs_base"]["trained"]["arc_challenge"]
+    expected = mean(direct["trained"]["arc_challenge"][i] - base["arc_challenge"][i] for i in items["arc_challenge"])
     assert diff["value"] == pytest.approx(expected)
     assert section["paired_vs_base"]["copy"]["average"]["value"] == 0.0
 
@@ -277,7 +288,7 @@ def test_perplexity_matches_a_direct_computation(stage_run):
 
 def test_preservation_is_exact_for_an_identical_copy_and_not_for_another_model(stage_run):
     preservation = stage_run["report"]["preservation"]
-    copy, other = preservation["copy"], preservation["other"]
+    copy, other = preservation["copy"], preservation["trained"]
     assert copy["max_abs_delta"] == 0.0
     assert copy["mean_kl"] == pytest.approx(0.0, abs=1e-6)
     assert copy["top1_agreement"] == 1.0
@@ -285,20 +296,47 @@ def test_preservation_is_exact_for_an_identical_copy_and_not_for_another_model(s
     assert other["mean_kl"] > 0.1 and other["top1_agreement"] < 1.0
 
 
-def test_a_degenerate_model_fails_the_stage_and_skips_its_benchmarks(tmp_path, smollm2_dir, capsys):
+def test_a_degenerate_verdict_is_recorded_and_a_rerun_reports_it_at_once(tmp_path, smollm2_dir, capsys,
+                                                                          monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.orchestrate import run_pipeline
+
+    loads = []
+    load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or load(*a, **k))
     base = write_tiny_smol(tmp_path / "base", smollm2_dir, seed=0)
     zeroed = write_tiny_smol(tmp_path / "zeroed", smollm2_dir, seed=0, zero_writers=True)
-    config = write_config(tmp_path / "eval.yaml", tmp_path / "run", [base, zeroed],
-                          preservation={"enabled": False})
+    one_item = {"n": 1, "num_fewshot": 0}
+    config = write_config(tmp_path / "eval.yaml", tmp_path / "run", [base, zeroed], preservation={"enabled": False},
+                          benchmarks={"arc_challenge": one_item, "hellaswag": one_item, "mmlu": one_item,
+                                      "truthfulqa_mc2": one_item})
     assert eval_main(["--config", str(config)]) == 3
     out = tmp_path / "run" / "eval"
     report = json.loads((out / "report.json").read_text())
     assert report["exit_code"] == 3 and report["verdicts"]["zeroed"] == "DEGENERATE"
     assert "DEGENERATE" in report["benchmarks"]["not_run"]["zeroed"]
     assert "zeroed" not in report["benchmarks"]["item_scores"]
-    assert not (out / "manifest.json").exists()  # the pipeline must not take this stage for done
     assert "The stage failed (exit 3)" in (out / "report.md").read_text()
     assert "zeroed is DEGENERATE" in capsys.readouterr().out
+    manifest = read_manifest(out)  # the outcome is recorded, so the next run need not repeat the work
+    assert manifest["exit_code"] == 3 and manifest["verdicts"] == report["verdicts"]
+    assert len(loads) == 2
+
+    # The same inputs again: the recorded verdict, exit 3, and no model loaded.
+    assert eval_main(["--config", str(config)]) == 3
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and "zeroed DEGENERATE (exit 3" in printed[0] and "--force" in printed[0]
+    # The orchestrator says the same instead of skipping the stage as complete.
+    assert run_pipeline(str(config), [], None, "eval", False) == 3
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith("[frankenllama] eval: zeroed DEGENERATE (exit 3")
+    assert "--only eval --force" in printed[0]
+    assert len(loads) == 2 and read_manifest(out) == manifest
+
+    # --force evaluates again.
+    assert eval_main(["--config", str(config), "--force"]) == 3
+    assert len(loads) == 4 and read_manifest(out)["exit_code"] == 3
 
 
 def test_offline_without_benchmark_data_is_one_clear_line(tmp_path, smollm2_dir, capsys, monkeypatch):
@@ -374,4 +412,8 @@ def test_default_models_are_the_base_and_the_completed_stage_outputs(tmp_path, t
     assert [(e.label, e.path) for e in entries] == [("base", base), ("surgery", run_dir / "surgery")]
     assert "no complete manifest" in caplog.text
     write_manifest(run_dir / "train", "train")
-    assert [e.label for e in models_to_evaluate(config)] == ["base", "surgery", "trained"]
+    entries = models_to_evaluate(config)
+    assert [e.label for e in entries] == ["base", "surgery", "trained"]
+    assert [e.merge for e in entries] == [None, None, None]  # a train manifest without a merge record says nothing
+    write_manifest(run_dir / "train", "train", merge={"into": "base"})
+    assert models_to_evaluate(config)[2].merge == {"into": "base"}
