@@ -262,7 +262,9 @@ def assign_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[lis
     return shards
 
 
-def _header_bytes(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
+def safetensors_header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
+    """The length prefix and JSON header of a safetensors file holding `specs` in order: all a file needs before
+    its data section, which a writer then appends tensor by tensor."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for spec in specs:
@@ -296,7 +298,7 @@ class ShardedWriter:
         if self._file is not None:
             self._file.close()
         self._file = open(self.folder / self.shard_names[index], "wb", buffering=0)  # noqa: SIM115 (closed in write/close)
-        self._write_all(memoryview(_header_bytes(self.shards[index], {"format": "pt"})))
+        self._write_all(memoryview(safetensors_header(self.shards[index], {"format": "pt"})))
         self._current_shard = index
 
     def _write_all(self, data: memoryview) -> None:

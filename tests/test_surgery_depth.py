@@ -11,11 +11,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from surgery_pairs import IDS, logits, make_pair, run, tensors
 
+from pipeline.checkpoint import INDEX_NAME, TensorSpec, assign_shards, safetensors_header
+from pipeline.config import load_config
 from pipeline.runs import read_manifest
 from surgery.cli import main as surgery_main
+from surgery.cli import make_plan
 from surgery.depth import base_layer_positions, donor_layer_sources, layer_layout
+from surgery.plan import expected_tensors
+from surgery.shapes import read_model_shape
 from surgery.verify import verify
 
+REPO = Path(__file__).resolve().parents[1]
 TARGET_DEPTH = 8  # from 3 base layers: positions 0, 4, 7, so layers 1-3 are three new layers in a row
 BASE_POSITIONS = {0: 0, 4: 1, 7: 2}  # output position -> base layer: round_half_up(i * 7 / 2)
 DONOR_OF_POSITION = [0, 1, 1, 2, 2, 3, 3, 4]  # proportional over the 5-layer donor: round_half_up(j * 4 / 7)
@@ -209,3 +215,44 @@ def test_new_layers_add_exactly_nothing_to_a_bf16_output(tiny_llama, tmp_path):
     assert (grown.max_abs_delta, grown.mean_kl, grown.top1_agreement) == (
         plain.max_abs_delta, plain.mean_kl, plain.top1_agreement)
     assert grown.loss == plain.loss
+
+
+LLAMA2_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40, "num_key_value_heads": 40,
+              "num_hidden_layers": 40, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096}
+LLAMA_30B = {"hidden_size": 6656, "intermediate_size": 17920, "num_attention_heads": 52, "num_key_value_heads": 52,
+             "num_hidden_layers": 60, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048}
+
+
+def write_sparse_llama(folder: Path, widths: dict) -> Path:
+    """A checkpoint with the real shapes in 5 GB shards with real safetensors headers, whose data sections are
+    holes in sparse files: planning reads only headers, so a 65 GB model costs no disk."""
+    folder.mkdir()
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000,
+              "tie_word_embeddings": False, "torch_dtype": "float16", **widths}
+    (folder / "config.json").write_text(json.dumps(config))
+    specs = [TensorSpec(name, shape, torch.float16)
+             for name, shape in expected_tensors(read_model_shape(folder, "test")).items()]
+    weight_map = {}
+    for number, shard in enumerate(assign_shards(specs, 5 * 10**9)):
+        name = f"model-{number:05d}.safetensors"
+        header = safetensors_header(shard, {"format": "pt"})
+        with open(folder / name, "wb") as file:
+            file.write(header)
+            file.truncate(len(header) + sum(spec.nbytes for spec in shard))
+        weight_map.update({spec.name: name for spec in shard})
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_the_33b_shape_config_plans_32_5b_parameters_from_every_donor_layer(tmp_path):
+    base = write_sparse_llama(tmp_path / "llama-2-13b", LLAMA2_13B)
+    donor = write_sparse_llama(tmp_path / "llama-30b", LLAMA_30B)
+    run_config = load_config(REPO / "configs/llama2-33b-shape.yaml",
+                             [f"surgery.base={base}", f"surgery.donor={donor}", f"run_dir={tmp_path / 'run'}"])
+    plan = make_plan(run_config.surgery, weights=False)
+    assert plan.params_before == 13_015_864_320  # Llama-2-13b
+    assert round(plan.params_after / 1e8) == 325  # 32.5B
+    assert plan.num_hidden_layers == 60 and plan.new_layers == "donor" and plan.exact
+    assert plan.donor_layers == list(range(60))  # every llama-30b layer, once
+    assert [s.base_layer for s in plan.layers if not s.is_new] == list(range(40))
+    assert plan.bytes_to_write == 2 * plan.params_after
