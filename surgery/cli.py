@@ -3,6 +3,7 @@
     python -m surgery --base REF --donor REF|random --out DIR [--mode ...] [--dry-run] [--force]
     python -m surgery --config FILE [--set surgery.key=value ...] [flags that override the config]
     python -m surgery verify --base REF --out DIR [--device auto|cpu|cuda]
+    python -m surgery verify --config FILE [--set key=value ...]   (the base and output of that run)
 """
 
 from __future__ import annotations
@@ -91,10 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 def build_verify_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m surgery verify", description="fp32 logits check and "
                                      "gradient probe of a surgery output against its base")
-    parser.add_argument("--base", required=True, help="the base model the surgery used")
-    parser.add_argument("--out", required=True, help="the surgery output folder")
+    parser.add_argument("--base", help="the base model the surgery used (default with --config: surgery.base)")
+    parser.add_argument("--out", help="the surgery output folder (default with --config: <run_dir>/surgery)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the fp32 layers are computed (default: CUDA when present)")
+    parser.add_argument("--config", help="run config YAML whose surgery output to check")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
     return parser
 
 
@@ -200,10 +204,17 @@ def verify_main(argv: list[str]) -> int:
     from surgery.verify import verify
 
     args = build_verify_parser().parse_args(argv)
-    out = Path(args.out)
+    base, out = args.base, Path(args.out) if args.out else None
+    if args.config:
+        run = load_config(args.config, args.overrides)
+        if run.surgery is None:
+            raise UserError(f"{args.config} has no surgery section; pass --base and --out")
+        base, out = base or run.surgery.base, out or run.stage_dir("surgery")
+    if base is None or out is None:
+        raise UserError("pass --base REF and --out DIR (the surgery's), or --config FILE")
     if not out.is_dir():
         raise UserError(f"{out} does not exist; pass the folder surgery wrote (--out of the build)")
-    report = verify(resolve_model(args.base), out, device=args.device)
+    report = verify(resolve_model(base), out, device=args.device)
     print(report.render())
     return 0 if report.passed else 1
 

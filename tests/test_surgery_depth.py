@@ -188,7 +188,7 @@ def test_depth_refusals(tiny_llama, tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
 
-def test_config_key_sets_the_depth(tiny_llama, tmp_path):
+def test_config_key_sets_the_depth_and_verify_reads_the_run(tiny_llama, tmp_path, capsys):
     base, donor = make_pair(tiny_llama)
     config = tmp_path / "run.yaml"
     config.write_text(f"run_dir: {tmp_path / 'run'}\nsurgery:\n  base: {base}\n  donor: {donor}\n  dtype: float32\n"
@@ -197,6 +197,10 @@ def test_config_key_sets_the_depth(tiny_llama, tmp_path):
     plan = read_manifest(tmp_path / "run" / "surgery")["plan"]
     assert plan["num_hidden_layers"] == 4 and plan["new_layers"] == "copy"
     assert [s["copy_of"] for s in plan["layer_sources"]] == [None, 0, None, None]
+    # verify finds the base and the output from the same config
+    assert surgery_main(["verify", "--config", str(config), "--device", "cpu"]) == 0
+    assert "new layers: 1 of 4 (positions 1)" in capsys.readouterr().out
+    refused(capsys, ["verify", "--out", str(tmp_path / "run" / "surgery")], "pass --base REF and --out DIR")
 
 
 def test_new_layers_add_exactly_nothing_to_a_bf16_output(tiny_llama, tmp_path):
