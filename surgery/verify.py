@@ -73,6 +73,8 @@ class VerifyReport:
     new_block_grad: dict[str, float] = field(default_factory=dict)
     base_block_grad: dict[str, float] = field(default_factory=dict)
     new_layer_grad: dict[str, float] = field(default_factory=dict)  # whole tensors of the new layers
+    device: str = "cpu"
+    peak_gpu_gib: float | None = None  # torch's peak allocation on the GPU, when computed there
 
     @property
     def exact(self) -> bool:
@@ -103,8 +105,9 @@ class VerifyReport:
         verdict = "exact" if self.exact else "NOT exact"
         expectation = "an exact mode" if self.exact_expected else "not an exact mode, so no exactness is required"
         new = self.new_layer_positions
+        where = self.device + (f", peak GPU memory {self.peak_gpu_gib:.2f} GiB" if self.peak_gpu_gib else "")
         lines = [
-            f"residual stream after each of the {self.base_layers} base layers (fp32 compute, layer by layer):",
+            f"residual stream after each of the {self.base_layers} base layers (fp32 on {where}, layer by layer):",
             f"  base dims: worst max |delta| {self.residual_relative_delta:.3e} of max |base| (output layer "
             f"{self.residual_worst_layer})",
             f"  new dims:  max |value| {self.new_dims_max_abs:.3e} (exact modes keep them 0)",
@@ -364,6 +367,8 @@ def verify(base_folder: Path, out_folder: Path, device: str = "auto") -> VerifyR
     log.info("comparing %s with %s layer by layer on %d tokens (%s, fp32)", out_folder, base_folder, ids.shape[1],
              where)
     norms = GradientNorms(base_widths)
+    if where.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(where)
     with full_fp32_matmuls():
         with torch.no_grad():
             trace = forward_side_by_side(base, out, sources, ids)
@@ -392,4 +397,6 @@ def verify(base_folder: Path, out_folder: Path, device: str = "auto") -> VerifyR
         new_block_grad=new_grad,
         base_block_grad=base_grad,
         new_layer_grad=new_layer_grad,
+        device=str(where),
+        peak_gpu_gib=torch.cuda.max_memory_allocated(where) / 2**30 if where.type == "cuda" else None,
     )
