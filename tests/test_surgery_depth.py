@@ -89,8 +89,7 @@ def test_every_layer_of_a_grown_model_comes_from_its_source(tiny_llama, tmp_path
     assert [s["base_layer"] for s in plan["layer_sources"]] == [0, None, None, None, 1, None, None, 2]
 
 
-@pytest.mark.parametrize("new_layers", ["donor", "copy"])
-@pytest.mark.parametrize(("gqa", "tied"), [(False, False), (True, True)])
+@pytest.mark.parametrize(("gqa", "tied", "new_layers"), [(False, False, "donor"), (True, True, "copy")])
 @pytest.mark.parametrize("mode", ["zero", "block_diagonal", "readers"])
 def test_grown_exact_modes_reproduce_the_base_logits_in_fp32(tiny_llama, tmp_path, mode, gqa, tied, new_layers):
     base, donor = make_pair(tiny_llama, gqa=gqa, tied=tied)
