@@ -13,9 +13,10 @@ import math
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -55,8 +56,49 @@ def parse_size(size: str | int) -> int:
     return int(number * base**power)
 
 
+def _torch_dtype(code: str, where: str) -> torch.dtype:
+    if code not in _TORCH_DTYPES:
+        raise UserError(f"{where} has dtype {code}, which frankenllama does not handle")
+    return _TORCH_DTYPES[code]
+
+
+class TensorIndex(Protocol):
+    """What planning needs of a checkpoint: its tensors' names, shapes and dtypes, never their values."""
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+
+class HeaderIndex:
+    """A TensorIndex from safetensors headers alone (say, read remotely from the hub), without the weights."""
+
+    def __init__(self, source: str, entries: Mapping[str, tuple[str, Sequence[int]]]):
+        """entries: tensor name -> (safetensors dtype code such as "BF16", shape)."""
+        self.source = source
+        self._entries = {name: (code, tuple(shape)) for name, (code, shape) in entries.items()}
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def _entry(self, name: str) -> tuple[str, tuple[int, ...]]:
+        if name not in self._entries:
+            raise UserError(f"{self.source}: tensor {name} is missing; the checkpoint is incomplete")
+        return self._entries[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name)[1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _torch_dtype(self._entry(name)[0], f"{self.source}: tensor {name}")
+
+
 class CheckpointReader:
-    """Read tensors of a HF safetensors checkpoint folder one at a time."""
+    """Read tensors of a HF safetensors checkpoint folder one at a time (a TensorIndex that also reads values)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -123,11 +165,7 @@ class CheckpointReader:
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype, read from the header (no data loaded), so a writer can be planned up front."""
-        code = self._slice(name).get_dtype()
-        for dtype, safetensors_code in _SAFETENSORS_DTYPES.items():
-            if safetensors_code == code:
-                return dtype
-        raise UserError(f"{self.folder}: tensor {name} has dtype {code}, which frankenllama does not handle")
+        return _torch_dtype(self._slice(name).get_dtype(), f"{self.folder}: tensor {name}")
 
     def _header(self, file: Path) -> tuple[int, dict]:
         """(offset of the data section, the header's tensor entries) of one shard, parsed once."""
@@ -224,7 +262,9 @@ def assign_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[lis
     return shards
 
 
-def _header_bytes(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
+def safetensors_header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
+    """The length prefix and JSON header of a safetensors file holding `specs` in order: all a file needs before
+    its data section, which a writer then appends tensor by tensor."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for spec in specs:
@@ -258,7 +298,7 @@ class ShardedWriter:
         if self._file is not None:
             self._file.close()
         self._file = open(self.folder / self.shard_names[index], "wb", buffering=0)  # noqa: SIM115 (closed in write/close)
-        self._write_all(memoryview(_header_bytes(self.shards[index], {"format": "pt"})))
+        self._write_all(memoryview(safetensors_header(self.shards[index], {"format": "pt"})))
         self._current_shard = index
 
     def _write_all(self, data: memoryview) -> None:

@@ -19,6 +19,7 @@ from pipeline.errors import UserError
 FillMode = Literal["readers", "block_diagonal", "block_triangular", "zero"]
 LayerMap = Literal["index", "proportional"]
 DType = Literal["bfloat16", "float16", "float32"]
+NewLayers = Literal["donor", "copy"]
 
 
 class StrictModel(BaseModel):
@@ -28,12 +29,14 @@ class StrictModel(BaseModel):
 
 
 class TargetWidths(StrictModel):
-    """Widths of the grown model; unset ones come from the donor (required with a random donor)."""
+    """Widths of the grown model; unset ones come from the donor (required with a random donor). Depth too:
+    num_hidden_layers unset keeps the base's; more inserts new layers whose o_proj and down_proj are zero."""
 
     hidden_size: int | None = Field(default=None, gt=0)
     num_attention_heads: int | None = Field(default=None, gt=0)
     num_key_value_heads: int | None = Field(default=None, gt=0)
     intermediate_size: int | None = Field(default=None, gt=0)
+    num_hidden_layers: int | None = Field(default=None, gt=0)
 
 
 class SurgeryConfig(StrictModel):
@@ -47,6 +50,10 @@ class SurgeryConfig(StrictModel):
     dtype: DType = "bfloat16"
     seed: int = 0
     target: TargetWidths = Field(default_factory=TargetWidths)
+    # What fills the layers depth growth inserts (their o_proj/down_proj are zero either way): donor = the donor
+    # layer of that position cut to the target widths, copy = the widened base layer before it (LLaMA-Pro).
+    # None: donor with a real donor, copy with a random one.
+    new_layers: NewLayers | None = None
     max_shard_size: str = "5GB"
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from pipeline.checkpoint import CheckpointReader, HeaderIndex, TensorIndex
 from pipeline.errors import UserError, error_reason
 from pipeline.runs import atomic_output_dir
 
@@ -58,17 +59,41 @@ def _convert_packaged(short_name: str) -> Path:
     return folder
 
 
+def _hub_failure(repo_id: str, err: Exception) -> UserError:
+    return UserError(
+        f"cannot fetch {repo_id} from the Hugging Face hub ({error_reason(err)}); check the id, the network, and "
+        "HF_TOKEN for gated models, or pass a local folder"
+    )
+
+
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as err:
-        reason = error_reason(err)
-        raise UserError(
-            f"cannot fetch {repo_id} from the Hugging Face hub ({reason}); check the id, the network, and "
-            "HF_TOKEN for gated models, or pass a local folder"
-        ) from None
+        raise _hub_failure(repo_id, err) from None
+
+
+def _is_hub_id(ref: str) -> bool:
+    return ref.count("/") == 1 and not ref.startswith((".", "/"))
+
+
+def _local_folder(ref: str) -> Path | None:
+    """The folder a packaged name or an existing path stands for; None for anything else (a hub id?)."""
+    if ref in PACKAGED_GGUF:
+        return _convert_packaged(ref)
+    path = Path(ref).expanduser()
+    if not path.exists():
+        return None
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
+    return path
+
+
+def _not_found(ref: str) -> UserError:
+    return UserError(f"model {ref!r} not found: give a local folder, a hub id like org/name, or one of "
+                     f"{', '.join(PACKAGED_GGUF)}")
 
 
 def model_ref_kind(ref: str) -> str | None:
@@ -78,22 +103,46 @@ def model_ref_kind(ref: str) -> str | None:
         return "packaged"
     if Path(ref).expanduser().exists():
         return "local"
-    if ref.count("/") == 1 and not ref.startswith((".", "/")):
-        return "hub"
-    return None
+    return "hub" if _is_hub_id(ref) else None
 
 
 def resolve_model(ref: str) -> Path:
     """A local folder holding config.json for any model reference, fetching or converting it if needed."""
-    kind = model_ref_kind(ref)
-    if kind == "packaged":
-        return _convert_packaged(ref)
-    if kind == "local":
-        path = Path(ref).expanduser()
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
-        return path
-    if kind == "hub":
+    folder = _local_folder(ref)
+    if folder is not None:
+        return folder
+    if _is_hub_id(ref):
         return _download(ref)
-    raise UserError(f"model {ref!r} not found: give a local folder, a hub id like org/name, or one of "
-                    f"{', '.join(PACKAGED_GGUF)}")
+    raise _not_found(ref)
+
+
+def model_headers(ref: str) -> tuple[Path, TensorIndex]:
+    """A folder holding the model's config.json, and its tensors' names, shapes and dtypes, without the weights.
+
+    For a hub id only config.json is downloaded and the safetensors headers are read remotely (HTTP range
+    requests of huggingface_hub), so a plan of a 65 GB model costs kilobytes, not the download.
+    """
+    folder = _local_folder(ref)
+    if folder is not None:
+        return folder, CheckpointReader(folder)
+    if not _is_hub_id(ref):
+        raise _not_found(ref)
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+    from huggingface_hub.errors import NotASafetensorsRepoError
+
+    try:
+        config = Path(hf_hub_download(ref, "config.json"))
+        metadata = get_safetensors_metadata(ref)
+    except NotASafetensorsRepoError:
+        raise UserError(
+            f"{ref} on the hub ships no safetensors weights (model.safetensors or its index); frankenllama never "
+            "unpickles .bin files, pick a repo with safetensors or convert it to a local folder first"
+        ) from None
+    except Exception as err:
+        raise _hub_failure(ref, err) from None
+    entries = {
+        name: (info.dtype, info.shape)
+        for file in metadata.files_metadata.values()
+        for name, info in file.tensors.items()
+    }
+    return config.parent, HeaderIndex(f"hub model {ref}", entries)

@@ -2,7 +2,8 @@
 
     python -m surgery --base REF --donor REF|random --out DIR [--mode ...] [--dry-run] [--force]
     python -m surgery --config FILE [--set surgery.key=value ...] [flags that override the config]
-    python -m surgery verify --base REF --out DIR
+    python -m surgery verify --base REF --out DIR [--device auto|cpu|cuda]
+    python -m surgery verify --config FILE [--set key=value ...]   (the base and output of that run)
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any, get_args
 
-from pipeline.checkpoint import CheckpointReader, parse_size
+from pipeline.checkpoint import CheckpointReader, TensorIndex, parse_size
 from pipeline.config import (
     DType,
     FillMode,
     LayerMap,
+    NewLayers,
     RunConfig,
     SurgeryConfig,
     apply_override,
@@ -27,7 +29,7 @@ from pipeline.config import (
     validate_config,
 )
 from pipeline.errors import UserError, run_cli
-from pipeline.models import resolve_model
+from pipeline.models import model_headers, resolve_model
 from pipeline.runs import stage_fingerprint
 from surgery.execute import execute, free_disk_bytes
 from surgery.plan import SurgeryPlan, build_plan, check_checkpoint
@@ -48,13 +50,15 @@ FLAG_KEYS = {
     "num_attention_heads": "target.num_attention_heads",
     "num_key_value_heads": "target.num_key_value_heads",
     "intermediate_size": "target.intermediate_size",
+    "num_hidden_layers": "target.num_hidden_layers",
+    "new_layers": "new_layers",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m surgery",
-        description="Widen a trained Llama with the blocks of a wider donor. "
+        description="Widen (and deepen) a trained Llama with the blocks of a wider donor. "
         "`python -m surgery verify --base PATH --out DIR` checks a result.",
     )
     parser.add_argument("--base", help="base model: local HF folder, hub id, or smollm2-135m-instruct")
@@ -71,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-attention-heads", type=int)
     parser.add_argument("--num-key-value-heads", type=int)
     parser.add_argument("--intermediate-size", type=int)
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without writing")
+    parser.add_argument("--num-hidden-layers", type=int, help="target depth (default: the base's); the new layers "
+                        "start with o_proj and down_proj zero, so the model stays exact")
+    parser.add_argument("--new-layers", choices=get_args(NewLayers), help="what fills the new layers' other "
+                        "tensors: the donor layer of their position, or a copy of the layer before (default donor; "
+                        "copy with --donor random)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without writing (reads "
+                        "only config.json and the safetensors headers, also of hub models)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     parser.add_argument("--config", help="run config YAML; inputs from its surgery section")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -82,8 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 def build_verify_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m surgery verify", description="fp32 logits check and "
                                      "gradient probe of a surgery output against its base")
-    parser.add_argument("--base", required=True, help="the base model the surgery used")
-    parser.add_argument("--out", required=True, help="the surgery output folder")
+    parser.add_argument("--base", help="the base model the surgery used (default with --config: surgery.base)")
+    parser.add_argument("--out", help="the surgery output folder (default with --config: <run_dir>/surgery)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the fp32 layers are computed (default: CUDA when present)")
+    parser.add_argument("--config", help="run config YAML whose surgery output to check")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
     return parser
 
 
@@ -119,10 +134,19 @@ def refuse_overlap(out: Path, inputs: list[Path]) -> None:
             raise UserError(f"--out {out} overlaps the input {folder}; choose an output folder outside the inputs")
 
 
-def make_plan(settings: SurgeryConfig) -> SurgeryPlan:
-    """Resolve the models, check they can be grafted, and lay out every output tensor."""
-    base_folder = resolve_model(settings.base)
-    donor_folder = None if settings.donor == "random" else resolve_model(settings.donor)
+def make_plan(settings: SurgeryConfig, weights: bool = True) -> SurgeryPlan:
+    """Resolve the models, check they can be grafted, and lay out every output tensor.
+
+    weights False (a dry run): only config.json and the safetensors headers are read, also of hub models.
+    """
+    def locate(ref: str) -> tuple[Path, TensorIndex]:
+        if not weights:
+            return model_headers(ref)
+        folder = resolve_model(ref)
+        return folder, CheckpointReader(folder)
+
+    base_folder, base_tensors = locate(settings.base)
+    donor_folder, donor_tensors = locate(settings.donor) if settings.donor != "random" else (None, None)
     base = read_model_shape(base_folder, "base")
     donor = read_model_shape(donor_folder, "donor") if donor_folder is not None else None
     if donor is not None:
@@ -138,10 +162,12 @@ def make_plan(settings: SurgeryConfig) -> SurgeryPlan:
         dtype=settings.dtype,
         seed=settings.seed,
         max_shard_bytes=parse_size(settings.max_shard_size),
+        num_hidden_layers=settings.target.num_hidden_layers,
+        new_layers=settings.new_layers,
     )
-    check_checkpoint(CheckpointReader(base_folder), base)
+    check_checkpoint(base_tensors, base)
     if donor is not None:
-        check_checkpoint(CheckpointReader(donor_folder), donor)
+        check_checkpoint(donor_tensors, donor)
     return plan
 
 
@@ -150,13 +176,14 @@ def build_main(argv: list[str]) -> int:
     run, settings, out = resolve_settings(args)
     if out.exists() and not args.force and not args.dry_run:
         raise UserError(f"output {out} already exists; pass --force to replace it or choose another --out")
-    plan = make_plan(settings)
+    plan = make_plan(settings, weights=not args.dry_run)
     refuse_overlap(out, [plan.base.folder] + ([plan.donor.folder] if plan.donor is not None else []))
     if args.dry_run:
         print(plan.render(free_disk_bytes(out)))
         print(f"\noutput: {out}{' (exists; --force would replace it)' if out.exists() else ''}")
         return 0
-    log.info("%s -> %s (%s, %s)", settings.base, out, plan.mode, plan.exactness.split(":")[0])
+    log.info("%s -> %s (%s, %s, %d -> %d layers)", settings.base, out, plan.mode, plan.exactness.split(":")[0],
+             plan.base.num_hidden_layers, plan.num_hidden_layers)
     fields: dict[str, Any] = {
         "inputs": {
             "base": settings.base,
@@ -177,10 +204,17 @@ def verify_main(argv: list[str]) -> int:
     from surgery.verify import verify
 
     args = build_verify_parser().parse_args(argv)
-    out = Path(args.out)
+    base, out = args.base, Path(args.out) if args.out else None
+    if args.config:
+        run = load_config(args.config, args.overrides)
+        if run.surgery is None:
+            raise UserError(f"{args.config} has no surgery section; pass --base and --out")
+        base, out = base or run.surgery.base, out or run.stage_dir("surgery")
+    if base is None or out is None:
+        raise UserError("pass --base REF and --out DIR (the surgery's), or --config FILE")
     if not out.is_dir():
         raise UserError(f"{out} does not exist; pass the folder surgery wrote (--out of the build)")
-    report = verify(resolve_model(args.base), out)
+    report = verify(resolve_model(base), out, device=args.device)
     print(report.render())
     return 0 if report.passed else 1
 

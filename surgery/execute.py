@@ -82,7 +82,7 @@ class TensorBuilder:
             if entry.rule == "norm":
                 return random_norm_entries(shape[0])
             std = base.to(torch.float32).std().item()
-            return random_block(entry.name, shape, std, self.plan.seed)
+            return random_block(entry.seed_name, shape, std, self.plan.seed)
         block = self.donor.get_region(entry.donor_source, entry.donor_region)
         self.bytes_read += block.nbytes
         # The donor is the foreign part of the graft; one reduction spots a NaN or inf anywhere in the block.
@@ -103,6 +103,10 @@ class TensorBuilder:
             return blocks.widen_norm(base, entry.shape[0], donor, compensate=not self.plan.legacy)
         if entry.rule == "ones":
             return blocks.legacy_final_norm(entry.shape[0])
+        if entry.rule == "cut":
+            return donor
+        if entry.rule == "zeros":
+            return self._into(entry.shape).zero_()
         raise ValueError(f"unknown rule {entry.rule!r} in the plan")
 
 
@@ -110,7 +114,7 @@ def write_config_files(plan: SurgeryPlan, folder: Path) -> None:
     """config.json: the base's, with the new widths, explicit head_dim, eps, tying and dtype; generation config
     and tokenizer files copied from the base."""
     config = dict(plan.base.config)
-    config.update(plan.target.as_dict())
+    config.update(plan.target.as_dict(), num_hidden_layers=plan.num_hidden_layers)
     config.pop("torch_dtype", None)  # transformers 5 reads `dtype`
     config.update(
         rms_norm_eps=plan.rms_norm_eps,

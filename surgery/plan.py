@@ -7,14 +7,15 @@ Building it reads only config.json files and safetensors headers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from pipeline.checkpoint import CheckpointReader, TensorSpec
+from pipeline.checkpoint import TensorIndex, TensorSpec
 from pipeline.errors import UserError
 from surgery.blocks import EXACT_MODES, FILL_MODES, LEGACY_MODES, Role, norm_compensation, widened_rms_norm_eps
-from surgery.shapes import ModelShape, Widths, donor_layer_sources
+from surgery.depth import LayerSource, layer_layout
+from surgery.shapes import ModelShape, Widths
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -56,8 +57,8 @@ def expected_tensors(model: ModelShape) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_checkpoint(reader: CheckpointReader, model: ModelShape) -> None:
-    """Refuse a checkpoint whose tensors are not exactly those its config.json describes."""
+def check_checkpoint(reader: TensorIndex, model: ModelShape) -> None:
+    """Refuse a checkpoint whose tensors are not exactly those its config.json describes (headers only)."""
     expected = expected_tensors(model)
     present = {name for name in reader.names if not name.endswith(IGNORED_SUFFIXES)}
     if model.tie_word_embeddings:
@@ -89,15 +90,23 @@ class TensorPlan:
 
     name: str
     kind: str  # q_proj, ..., down_proj, input_layernorm, post_attention_layernorm, norm, embed_tokens, lm_head
-    rule: str  # linear | columns | norm | ones
+    # linear | columns | norm | ones, and for new layers: cut (the donor region as it is) | zeros
+    rule: str
     shape: tuple[int, ...]
     base_source: str | None
     donor_source: str | None = None  # donor tensor name; with a random donor, the output name seeds it
     donor_region: tuple[tuple[int, int], ...] | None = None  # (start, stop) per axis of the donor tensor
     role: Role | None = None
-    layer: int | None = None
+    layer: int | None = None  # the output layer
     donor_layer: int | None = None
     fill: str = ""  # human-readable block layout, for the printed plan
+    # A `copy` new layer's tensor is built exactly as this earlier output tensor is (random blocks included)
+    copy_of: str | None = None
+
+    @property
+    def seed_name(self) -> str:
+        """The name a random donor block is seeded by: a copy must draw the same values as its original."""
+        return self.copy_of or self.name
 
 
 @dataclass
@@ -114,7 +123,13 @@ class SurgeryPlan:
     donor_layers: list[int]
     tie_word_embeddings: bool
     rms_norm_eps: float
+    layers: list[LayerSource] = field(default_factory=list)  # one per output layer
+    new_layers: str | None = None  # donor | copy when depth grows, else None
     tensors: list[TensorPlan] = field(default_factory=list)
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.layers)
 
     @property
     def exact(self) -> bool:
@@ -159,7 +174,10 @@ class SurgeryPlan:
             "exact": self.exact,
             "base_widths": self.base.widths.as_dict(),
             "target_widths": self.target.as_dict(),
-            "num_hidden_layers": self.base.num_hidden_layers,
+            "num_hidden_layers": self.num_hidden_layers,
+            "base_num_hidden_layers": self.base.num_hidden_layers,
+            "new_layers": self.new_layers,
+            "layer_sources": [source.as_dict() for source in self.layers],
             "tie_word_embeddings": self.tie_word_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "params_before": self.params_before,
@@ -171,18 +189,24 @@ class SurgeryPlan:
     def render(self, free_disk: int | None = None) -> str:
         """The plan as `--dry-run` prints it: a header with the totals, then one line per output tensor."""
         donor = "random (seeded normal, std of the matching base tensor)" if self.donor is None else self.donor.folder
+        widens = self.target != self.base.widths
         lines = [
             f"base:   {self.base.folder}",
             f"donor:  {donor}",
             f"widths: {_widths_line(self.base.widths)}  ->  {_widths_line(self.target)}",
             f"mode:   {self.mode}{' (legacy 2023 construction)' if self.legacy else ''}; {self.exactness}",
-            f"layers: {self.base.num_hidden_layers}, donor layer per target layer ({self.layer_map}): "
+            f"layers: {self.base.num_hidden_layers} -> {self.num_hidden_layers}"
+            + (f", new layers from: {self.new_layers}" if self.new_layers else "")
+            + f"; donor layer per target layer ({self.layer_map}): "
             f"{self.donor_layers if self.donor is not None else 'n/a (random)'}",
             f"rms_norm_eps: {self.base.rms_norm_eps:g} -> {self.rms_norm_eps:g}; tied embeddings: "
             f"{self.base.tie_word_embeddings} -> {self.tie_word_embeddings}",
             f"params: {self.params_before:,} -> {self.params_after:,}",
             f"write:  {_gb(self.bytes_to_write)} as {self.dtype} in shards of at most {_gb(self.max_shard_bytes)}"
             + (f"; free disk there: {_gb(free_disk)}" if free_disk is not None else ""),
+            "",
+            "where each output layer comes from:",
+            *(f"  layer {j:>3}: {source.describe(widens)}" for j, source in enumerate(self.layers)),
             "",
         ]
         width = max(len(t.name) for t in self.tensors)
@@ -214,7 +238,8 @@ def _sources(t: TensorPlan, random_donor: bool) -> str:
     if t.donor_region is not None:
         region = ",".join(f"{start}:{stop}" for start, stop in t.donor_region)
         parts.append(f"random[{region}]" if random_donor else f"donor {t.donor_source}[{region}]")
-    return " + ".join(parts)
+    sources = " + ".join(parts)
+    return f"copy of {t.copy_of} ({sources})" if t.copy_of else sources
 
 
 def _fill_label(fill_a: bool, fill_b: bool) -> str:
@@ -235,11 +260,16 @@ def build_plan(
     dtype: str,
     seed: int,
     max_shard_bytes: int,
+    num_hidden_layers: int | None = None,
+    new_layers: str | None = None,
 ) -> SurgeryPlan:
     """Lay out every output tensor in checkpoint order (embed, layers, final norm, lm_head).
 
-    `layer_map` None: the default, proportional (index under `legacy`).
+    `layer_map` None: the default, proportional (index under `legacy`). `num_hidden_layers` None: the base's
+    depth. `new_layers` None: donor with a real donor, copy with a random one (it has no layers to take).
     """
+    depth = num_hidden_layers or base.num_hidden_layers
+    grows_depth = depth != base.num_hidden_layers
     if legacy and mode not in LEGACY_MODES:
         raise UserError(
             f"--legacy reproduces the 2023 script, which had only {' and '.join(sorted(LEGACY_MODES))}; "
@@ -250,17 +280,28 @@ def build_plan(
             f"--legacy reproduces the 2023 script, which took donor layer i for target layer i; drop --layer-map "
             f"{layer_map} (or --legacy)"
         )
+    if legacy and grows_depth:
+        raise UserError(
+            f"--legacy reproduces the 2023 script, which kept the base's {base.num_hidden_layers} layers; drop "
+            f"--num-hidden-layers {depth} (or --legacy)"
+        )
+    if grows_depth and donor is None and new_layers == "donor":
+        raise UserError("--new-layers donor takes new layers from the donor, and a random donor has none; use "
+                        "--new-layers copy or a real --donor")
+    if target == base.widths and not grows_depth:
+        raise UserError("the target widths and depth equal the base's, so there is nothing to widen or deepen; set "
+                        "wider target widths or --num-hidden-layers")
+    new_layers = (new_layers or ("copy" if donor is None else "donor")) if grows_depth else None
     layer_map = layer_map or ("index" if legacy else "proportional")
-    donor_layers = (
-        donor_layer_sources(base.num_hidden_layers, donor.num_hidden_layers, layer_map)
-        if donor is not None
-        else list(range(base.num_hidden_layers))
-    )
-    # lm_head's new columns read dims that stay 0, so copying the donor's keeps exactness and lets gradient
-    # into the graft; `zero` and the 2023 script leave them 0.
-    lm_head_from_donor = mode != "zero" and not legacy
-    tie = base.tie_word_embeddings and not lm_head_from_donor
+    layers = layer_layout(base.num_hidden_layers, depth, donor.num_hidden_layers if donor is not None else None,
+                          layer_map, new_layers or "donor")
+    # A random donor has no layers: its blocks are seeded by output name, the donor layer is only a label.
+    donor_layers = [s.donor_layer for s in layers] if donor is not None else list(range(depth))
     hidden, new_hidden = base.widths.hidden_size, target.hidden_size
+    # lm_head's new columns read dims that stay 0, so copying the donor's keeps exactness and lets gradient
+    # into the graft; `zero` and the 2023 script leave them 0 (and growing depth alone adds no columns).
+    lm_head_from_donor = mode != "zero" and not legacy and new_hidden > hidden
+    tie = base.tie_word_embeddings and not lm_head_from_donor
     eps = base.rms_norm_eps if legacy else widened_rms_norm_eps(base.rms_norm_eps, hidden, new_hidden)
     plan = SurgeryPlan(
         base=base,
@@ -275,6 +316,8 @@ def build_plan(
         donor_layers=donor_layers,
         tie_word_embeddings=tie,
         rms_norm_eps=eps,
+        layers=layers,
+        new_layers=new_layers,
     )
     compensation = "" if legacy else f"*{norm_compensation(hidden, new_hidden):.4f}"
     vocab = base.vocab_size
@@ -283,34 +326,16 @@ def build_plan(
     plan.tensors.append(
         TensorPlan(EMBED, "embed_tokens", "columns", (vocab, new_hidden), EMBED, fill="[M,0]")
     )
-    for layer in range(base.num_hidden_layers):
-        prefix, donor_prefix = layer_prefix(layer), layer_prefix(donor_layers[layer])
-        plan.tensors.append(_norm_plan(f"{prefix}input_layernorm.weight", donor_prefix, layer, donor_layers,
-                                       hidden, new_hidden, compensation))
-        for suffix, (role, out_axis, in_axis) in LINEARS.items():
-            if suffix == "mlp.gate_proj":
-                plan.tensors.append(_norm_plan(f"{prefix}post_attention_layernorm.weight", donor_prefix, layer,
-                                               donor_layers, hidden, new_hidden, compensation))
-            name = f"{prefix}{suffix}.weight"
-            out, new_out = base.widths.dim(out_axis), target.dim(out_axis)
-            new_in = target.dim(in_axis)
-            fill = FILL_MODES[mode][role]
-            takes_donor = (fill.a or fill.b) and new_out > out
-            plan.tensors.append(
-                TensorPlan(
-                    name=name,
-                    kind=suffix.split(".")[-1],
-                    rule="linear",
-                    shape=(new_out, new_in),
-                    base_source=name,
-                    donor_source=f"{donor_prefix}{suffix}.weight" if takes_donor else None,
-                    donor_region=((out, new_out), (0, new_in)) if takes_donor else None,
-                    role=role,
-                    layer=layer,
-                    donor_layer=donor_layers[layer],
-                    fill=_fill_label(fill.a, fill.b),
-                )
-            )
+    by_name: dict[str, TensorPlan] = {}
+    for position, source in enumerate(layers):
+        if source.is_new:
+            layer_tensors = _new_layer_plans(position, source, target, by_name)
+        else:
+            layer_tensors = _base_layer_plans(position, source, donor_layers[position], base.widths, target, mode,
+                                              compensation)
+        for entry in layer_tensors:
+            by_name[entry.name] = entry
+        plan.tensors.extend(layer_tensors)
     if legacy:
         plan.tensors.append(TensorPlan(FINAL_NORM, "norm", "ones", (new_hidden,), None, fill="ones (2023 bug)"))
     else:
@@ -332,20 +357,75 @@ def build_plan(
     return plan
 
 
-def _norm_plan(
-    name: str, donor_prefix: str, layer: int, donor_layers: list[int], hidden: int, new_hidden: int,
+def _layer_order() -> list[tuple[str, Role | None, str, str | None]]:
+    """(suffix, role, output axis, input axis) of one layer's tensors in checkpoint order; norms have no role
+    and no input axis."""
+    order: list[tuple[str, Role | None, str, str | None]] = [("input_layernorm", None, "hidden", None)]
+    for suffix, (role, out_axis, in_axis) in LINEARS.items():
+        if suffix == "mlp.gate_proj":
+            order.append(("post_attention_layernorm", None, "hidden", None))
+        order.append((suffix, role, out_axis, in_axis))
+    return order
+
+
+def _base_layer_plans(
+    position: int, source: LayerSource, donor_layer: int, widths: Widths, target: Widths, mode: str,
     compensation: str,
-) -> TensorPlan:
-    kind = name.rsplit(".", 2)[-2]
-    return TensorPlan(
-        name=name,
-        kind=kind,
-        rule="norm",
-        shape=(new_hidden,),
-        base_source=name,
-        donor_source=f"{donor_prefix}{kind}.weight",
-        donor_region=((hidden, new_hidden),),
-        layer=layer,
-        donor_layer=donor_layers[layer],
-        fill=f"[g{compensation},D]",
-    )
+) -> list[TensorPlan]:
+    """Base layer `source.base_layer` widened into `position`, its new units from the position's donor layer."""
+    prefix, base_prefix = layer_prefix(position), layer_prefix(source.base_layer)
+    donor_prefix = layer_prefix(donor_layer)
+    hidden, new_hidden = widths.hidden_size, target.hidden_size
+    plans = []
+    for suffix, role, out_axis, in_axis in _layer_order():
+        if role is None:
+            plans.append(TensorPlan(
+                name=f"{prefix}{suffix}.weight", kind=suffix, rule="norm", shape=(new_hidden,),
+                base_source=f"{base_prefix}{suffix}.weight", donor_source=f"{donor_prefix}{suffix}.weight",
+                donor_region=((hidden, new_hidden),), layer=position, donor_layer=donor_layer,
+                fill=f"[g{compensation},D]",
+            ))
+            continue
+        out, new_out, new_in = widths.dim(out_axis), target.dim(out_axis), target.dim(in_axis)
+        fill = FILL_MODES[mode][role]
+        takes_donor = (fill.a or fill.b) and new_out > out
+        plans.append(TensorPlan(
+            name=f"{prefix}{suffix}.weight",
+            kind=suffix.split(".")[-1],
+            rule="linear",
+            shape=(new_out, new_in),
+            base_source=f"{base_prefix}{suffix}.weight",
+            donor_source=f"{donor_prefix}{suffix}.weight" if takes_donor else None,
+            donor_region=((out, new_out), (0, new_in)) if takes_donor else None,
+            role=role,
+            layer=position,
+            donor_layer=donor_layer,
+            fill=_fill_label(fill.a, fill.b),
+        ))
+    return plans
+
+
+def _new_layer_plans(
+    position: int, source: LayerSource, target: Widths, earlier: dict[str, TensorPlan]
+) -> list[TensorPlan]:
+    """A new layer: o_proj and down_proj entirely zero (so it adds nothing to the residual stream), the rest
+    the donor layer's first rows and columns (norms as the donor has them) or a copy of an earlier output layer."""
+    prefix = layer_prefix(position)
+    plans = []
+    for suffix, role, out_axis, in_axis in _layer_order():
+        name = f"{prefix}{suffix}.weight"
+        kind = suffix.split(".")[-1]
+        shape = (target.dim(out_axis),) if in_axis is None else (target.dim(out_axis), target.dim(in_axis))
+        if role == "writer":
+            plans.append(TensorPlan(name, kind, "zeros", shape, None, role=role, layer=position,
+                                    fill="0 (new layer)"))
+        elif source.copy_of is not None:
+            original = earlier[f"{layer_prefix(source.copy_of)}{suffix}.weight"]
+            plans.append(replace(original, name=name, layer=position, copy_of=original.name,
+                                 fill=f"copy of layer {source.copy_of}"))
+        else:
+            donor_name = f"{layer_prefix(source.donor_layer)}{suffix}.weight"
+            plans.append(TensorPlan(name, kind, "cut", shape, None, donor_name, tuple((0, n) for n in shape),
+                                    role=role, layer=position, donor_layer=source.donor_layer,
+                                    fill="D cut (new layer)"))
+    return plans

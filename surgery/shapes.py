@@ -168,7 +168,9 @@ def check_donor_matches(base: ModelShape, donor: ModelShape) -> None:
 
 
 def target_widths(base: ModelShape, donor: ModelShape | None, requested: TargetWidths) -> Widths:
-    """The grown model's widths: the requested ones, else the donor's; between the base's and the donor's."""
+    """The grown model's widths: the requested ones, else the donor's; between the base's and the donor's.
+
+    Equal to the base's is allowed here: a run may grow depth only (the plan refuses growing nothing)."""
     values: dict[str, int] = {}
     missing = []
     for name, flag in WIDTH_FLAGS.items():
@@ -208,26 +210,4 @@ def target_widths(base: ModelShape, donor: ModelShape | None, requested: TargetW
             f"target hidden_size {target.hidden_size} is not a multiple of its {target.num_attention_heads} heads; "
             "transformers refuses to load such a Llama config, choose a hidden size divisible by the head count"
         )
-    if all(getattr(target, name) == getattr(base.widths, name) for name in WIDTH_FLAGS):
-        raise UserError("the target widths equal the base's, so there is nothing to widen; set wider target widths")
     return target
-
-
-def donor_layer_sources(base_layers: int, donor_layers: int, layer_map: str) -> list[int]:
-    """Which donor layer feeds each target layer.
-
-    `index` is the 2023 script's choice (layer i <- donor layer i; deeper donor layers are dropped);
-    `proportional` spreads the donor's depth over the base's: round(i * (L_donor - 1) / (L - 1)), halves up.
-    """
-    if layer_map == "index":
-        if donor_layers < base_layers:
-            raise UserError(
-                f"layer map index needs a donor at least as deep as the base (donor {donor_layers} < base "
-                f"{base_layers} layers); use --layer-map proportional"
-            )
-        return list(range(base_layers))
-    if base_layers == 1:
-        return [0]
-    # integer arithmetic, so a tie is a tie and not 2.4999...
-    span, steps = donor_layers - 1, base_layers - 1
-    return [(2 * i * span + steps) // (2 * steps) for i in range(base_layers)]

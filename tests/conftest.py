@@ -28,8 +28,12 @@ def write_tiny_llama(
     seed: int = 0,
     max_shard_size: str | None = None,
     dtype: torch.dtype = torch.float32,
+    weight_std: float = 0.2,
 ) -> Path:
-    """Save a random LlamaForCausalLM with the given widths; norms get random gains so they matter."""
+    """Save a random LlamaForCausalLM with the given widths; norms get random gains so they matter.
+
+    The default std makes tiny models' logits far from uniform; wider models want less (0.2 at width 256 makes
+    attention so saturated that bf16 rounding of a weight flips which token wins)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -53,7 +57,7 @@ def write_tiny_llama(
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
             else:
-                param.normal_(0.0, 0.2)
+                param.normal_(0.0, weight_std)
     model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)

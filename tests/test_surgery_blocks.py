@@ -16,8 +16,8 @@ from surgery.blocks import (
     widen_norm,
     widened_rms_norm_eps,
 )
+from surgery.depth import donor_layer_sources
 from surgery.random_donor import random_block
-from surgery.shapes import donor_layer_sources
 
 M = torch.arange(1.0, 5.0).reshape(2, 2)  # base (out=2, in=2)
 DONOR_ROWS = torch.arange(10.0, 18.0).reshape(2, 4)  # donor rows 2..4 over its first 4 columns

@@ -11,46 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from surgery_pairs import BASE, IDS, logits, make_pair, run, tensors
 
-from pipeline.checkpoint import CheckpointReader
 from pipeline.runs import read_manifest
 from surgery.cli import main as surgery_main
 from surgery.shapes import Widths
-from surgery.verify import gradient_probe
+from surgery.verify import verify
 
-BASE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3}
-DONOR = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 5, "seed": 1}
-HEADS = {False: ((4, 4), (6, 6)), True: ((4, 2), (6, 3))}  # gqa -> ((base heads, kv), (donor heads, kv))
-
-
-def make_pair(tiny_llama, gqa: bool = False, tied: bool = False, donor_tied: bool | None = None, **donor_kwargs):
-    (base_heads, base_kv), (donor_heads, donor_kv) = HEADS[gqa]
-    base = tiny_llama("base", **BASE, num_attention_heads=base_heads, num_key_value_heads=base_kv,
-                      tie_word_embeddings=tied, max_shard_size="40KB")
-    donor = tiny_llama("donor", **{**DONOR, **donor_kwargs}, num_attention_heads=donor_heads,
-                       num_key_value_heads=donor_kv, tie_word_embeddings=tied if donor_tied is None else donor_tied)
-    return base, donor
-
-
-def run(base: Path, donor: Path | str, out: Path, *flags: str) -> Path:
-    assert surgery_main(["--base", str(base), "--donor", str(donor), "--out", str(out), "--dtype", "float32",
-                         *flags]) == 0
-    return out
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    reader = CheckpointReader(folder)
-    return {name: reader.get(name) for name in reader.names}
-
-
-def logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids).logits[0]
-
-
-IDS = torch.randint(101, (1, 24), generator=torch.Generator().manual_seed(0))
 LINEARS = {  # suffix -> (role, out axis, in axis)
     "self_attn.q_proj": ("reader", "q", "hidden"),
     "self_attn.k_proj": ("reader", "kv", "hidden"),
@@ -184,16 +151,14 @@ def test_legacy_matches_the_2023_construction_tensor_for_tensor(tiny_llama, tmp_
 
 def test_gradient_probe_finds_the_trainability_trap(tiny_llama, tmp_path):
     base, donor = make_pair(tiny_llama, gqa=True)
-    base_widths = widths(base)
     probes = {}
     for label, flags in {
         "2023": ("--mode", "block_diagonal", "--legacy"),
         "block_diagonal": ("--mode", "block_diagonal"),
         "readers": ("--mode", "readers"),
     }.items():
-        out = run(base, donor, tmp_path / label, *flags)
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-        probes[label] = gradient_probe(model, IDS, base_widths)
+        report = verify(base, run(base, donor, tmp_path / label, *flags), device="cpu")
+        probes[label] = report.loss, report.new_block_grad, report.base_block_grad
     _, new_2023, base_2023 = probes["2023"]
     assert set(new_2023) >= {"q_proj", "o_proj", "down_proj", "embed_tokens", "lm_head", "norm"}
     assert all(value == 0.0 for value in new_2023.values()), new_2023

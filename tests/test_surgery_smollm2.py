@@ -1,11 +1,12 @@
 """The real thing at small scale: SmolLM2-135M-Instruct widened to SmolLM2-360M's widths in readers mode with a
-random donor answers a chat prompt exactly as the base does."""
+random donor, and grown from 30 to 45 layers, answers a chat prompt exactly as the base does."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,14 +23,17 @@ def greedy_answer(folder: Path, prompt_ids: torch.Tensor) -> torch.Tensor:
     return output[0, prompt_ids.shape[1]:]
 
 
-def test_widened_smollm2_gives_the_base_greedy_answer(smollm2_dir, tmp_path):
-    out = tmp_path / "widened"
-    # smoke.yaml's surgery section: readers mode, random donor, SmolLM2-360M's widths
+@pytest.mark.slow
+def test_widened_and_deepened_smollm2_gives_the_base_greedy_answer(smollm2_dir, tmp_path):
+    out = tmp_path / "grown"
+    # smoke.yaml's surgery section (readers mode, random donor, SmolLM2-360M's widths) and 15 new layers, which
+    # with a random donor are copies of the widened base layers before them, their o_proj and down_proj zero
     assert surgery_main(["--config", str(REPO / "configs/smoke.yaml"), "--set", f"run_dir={tmp_path}",
-                         "--base", str(smollm2_dir), "--dtype", "float32", "--out", str(out)]) == 0
+                         "--base", str(smollm2_dir), "--dtype", "float32", "--out", str(out),
+                         "--num-hidden-layers", "45"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"],
-            config["intermediate_size"], config["head_dim"]) == (960, 15, 5, 2560, 64)
+            config["intermediate_size"], config["head_dim"], config["num_hidden_layers"]) == (960, 15, 5, 2560, 64, 45)
     tokenizer = AutoTokenizer.from_pretrained(out)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
