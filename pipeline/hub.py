@@ -80,10 +80,21 @@ def _safetensors_bytes(metadata) -> dict[str, int]:
             for name, file in metadata.files_metadata.items()}
 
 
+def fetch_model_headers(repo: str, timeout_s: float = 10.0):
+    """(config.json's local path, the safetensors metadata) of a hub model: config.json is downloaded (a few KB),
+    the headers are read with HTTP range requests, the weights never. Raises huggingface_hub's own errors (gated,
+    not found, no safetensors), which each caller turns into its own message."""
+    from huggingface_hub import get_safetensors_metadata, get_token, hf_hub_download
+
+    token = get_token()
+    metadata = get_safetensors_metadata(repo, token=token, timeout=timeout_s)
+    return Path(hf_hub_download(repo, "config.json", token=token, etag_timeout=timeout_s)), metadata
+
+
 def inspect_hub_model(repo: str, timeout_s: float = 10.0) -> HubModel:
     """Can this machine, with its current token, fetch `repo` as safetensors? Reads config.json (a few KB) and the
     safetensors headers only. Offline or unreachable, answers from the local cache at once."""
-    from huggingface_hub import get_safetensors_metadata, get_token, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import get_token, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, NotASafetensorsRepoError, RepositoryNotFoundError
 
     cached = _cached_snapshot(repo)
@@ -94,12 +105,10 @@ def inspect_hub_model(repo: str, timeout_s: float = 10.0) -> HubModel:
         why = f"{flag}=1 is set" if flag else f"{hub_endpoint()} does not answer"
         return HubModel(repo, "hub", problem=f"not in the local HF cache and {why}",
                         fix="run where the hub is reachable (or unset the flag), or point the config at a local folder")
-    token = get_token()
     try:
-        metadata = get_safetensors_metadata(repo, token=token, timeout=timeout_s)
-        config_path = hf_hub_download(repo, "config.json", token=token, etag_timeout=timeout_s)
+        config_path, metadata = fetch_model_headers(repo, timeout_s)
     except GatedRepoError:
-        login = "the account of your HF_TOKEN" if token else "your account, then export HF_TOKEN=hf_..."
+        login = "the account of your HF_TOKEN" if get_token() else "your account, then export HF_TOKEN=hf_..."
         return HubModel(repo, "hub", problem="gated: this token may not download it",
                         fix=f"accept the licence at {hub_endpoint()}/{repo} with {login}")
     except RepositoryNotFoundError:
@@ -114,7 +123,7 @@ def inspect_hub_model(repo: str, timeout_s: float = 10.0) -> HubModel:
                         fix="check the network and HF_ENDPOINT, then rerun")
     missing = {name: size for name, size in _safetensors_bytes(metadata).items()
                if not isinstance(try_to_load_from_cache(repo, name), str)}
-    return HubModel(repo, "hub", config=json.loads(Path(config_path).read_text()),
+    return HubModel(repo, "hub", config=json.loads(config_path.read_text()),
                     download_bytes=sum(missing.values()))
 
 

@@ -127,12 +127,12 @@ def model_headers(ref: str) -> tuple[Path, TensorIndex]:
         return folder, CheckpointReader(folder)
     if not _is_hub_id(ref):
         raise _not_found(ref)
-    from huggingface_hub import get_safetensors_metadata, hf_hub_download
     from huggingface_hub.errors import NotASafetensorsRepoError
 
+    from pipeline.hub import fetch_model_headers
+
     try:
-        config = Path(hf_hub_download(ref, "config.json"))
-        metadata = get_safetensors_metadata(ref)
+        config, metadata = fetch_model_headers(ref)
     except NotASafetensorsRepoError:
         raise UserError(
             f"{ref} on the hub ships no safetensors weights (model.safetensors or its index); frankenllama never "
