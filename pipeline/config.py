@@ -19,6 +19,10 @@ from pipeline.errors import UserError
 FillMode = Literal["readers", "block_diagonal", "block_triangular", "zero"]
 LayerMap = Literal["index", "proportional"]
 DType = Literal["bfloat16", "float16", "float32"]
+# How the donor's residual basis is re-parameterised towards the base's before grafting (surgery/alignment.py).
+AlignMethod = Literal["none", "permutation", "rotation"]
+# Which donor heads and neurons land in the grafted positions: by index, or those with the largest output.
+UnitSelection = Literal["index", "output"]
 
 
 class StrictModel(BaseModel):
@@ -48,6 +52,8 @@ class SurgeryConfig(StrictModel):
     seed: int = 0
     target: TargetWidths = Field(default_factory=TargetWidths)
     max_shard_size: str = "5GB"
+    align: AlignMethod = "none"
+    select: UnitSelection = "index"
 
 
 class WandbConfig(StrictModel):
