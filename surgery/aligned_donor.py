@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from surgery.alignment import (
     query_heads,
     relative_residual,
 )
+from surgery.blocks import norm_compensation
 from surgery.calibration import StreamedLlama, calibration_ids, compute_device
 from surgery.plan import EMBED, FINAL_NORM, LAYER_NORMS, LINEARS, LM_HEAD, SurgeryPlan, layer_prefix
 from surgery.shapes import ModelShape, Widths, read_model_shape
@@ -91,11 +92,19 @@ class UnitOrder:
 
 @dataclass
 class DonorAlignment:
-    """Everything the aligned view needs, and what the manifest records about it."""
+    """Everything the aligned view needs, and what the manifest records about it.
+
+    `matched_gains` (donor norm name -> d gains) re-gains the aligned donor on the base's d coordinates, exactly:
+    a graft's norm holds the base's (compensated) gains there, and the donor's new units read the base's
+    coordinates through them, so the aligned donor is expressed with those same gains in front of its readers
+    (the readers' columns divided by them, its function unchanged). Without it, a rotated donor's readers (gains
+    folded to 1) would read every base coordinate scaled by the base's gain once more.
+    """
 
     transform: ResidualTransform
     unit_orders: dict[int, UnitOrder]  # donor layer -> its new unit order (select: output)
     report: dict[str, Any]
+    matched_gains: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -144,14 +153,35 @@ class AlignedDonorReader:
         return self.inner.shape(self._source(name))
 
     def dtype(self, name: str) -> torch.dtype:
-        """A rotation computes in fp32 (rounded once, by the caller); re-indexing keeps the stored dtype."""
-        return torch.float32 if self.alignment.transform.folds_gains else self.inner.dtype(self._source(name))
+        """A rotation or re-gaining computes in fp32 (rounded once, by the caller); re-indexing keeps the stored
+        dtype."""
+        computed = self.alignment.transform.folds_gains or self.alignment.matched_gains
+        return torch.float32 if computed else self.inner.dtype(self._source(name))
 
     def get(self, name: str) -> torch.Tensor:
         return self.get_region(name, [(0, size) for size in self.shape(name)])
 
     def _gain(self, norm: str) -> torch.Tensor | None:
         return self.inner.get(norm) if self.alignment.transform.folds_gains else None
+
+    def _gains(self, norm: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the gain this view presents for `norm` over all d' coordinates, the factor its readers' columns take
+        for it, or None when the transform's own gain is presented)."""
+        own = self.alignment.transform.gain(self.inner.get(norm), slice(None)).to(torch.float32)
+        matched = self.alignment.matched_gains.get(norm)
+        if matched is None:
+            return own, None
+        presented = own.clone()
+        # a (near-)zero base gain reads nothing there anyway; dividing by it would only blow the column up
+        head = presented[: matched.shape[0]]
+        head.copy_(torch.where(matched.abs() > 1e-6, matched.to(torch.float32), head))
+        return presented, own / presented
+
+    def _read(self, weight: torch.Tensor, columns: slice, norm: str) -> torch.Tensor:
+        """A reader's aligned columns: the transform's, re-gained for the gain this view presents for `norm`."""
+        out = self.alignment.transform.read(weight, columns, self._gain(norm))
+        _, factor = self._gains(norm)
+        return out if factor is None else out * factor[columns]
 
     def get_region(self, name: str, region: Sequence[tuple[int, int]]) -> torch.Tensor:
         """[start, stop) along each axis of the aligned tensor; the donor tensor behind it is read whole."""
@@ -163,17 +193,16 @@ class AlignedDonorReader:
             if name == EMBED:
                 return transform.read(self.inner.get(EMBED)[rows], columns)
             if name == LM_HEAD:
-                return transform.read(self.inner.get(self._source(name))[rows], columns, self._gain(FINAL_NORM))
+                return self._read(self.inner.get(self._source(name))[rows], columns, FINAL_NORM)
             if name == FINAL_NORM or suffix in LAYER_NORMS:
-                return transform.gain(self.inner.get(name), rows)
+                return self._gains(name)[0][rows]
             if suffix in LINEARS:
                 weight = self.inner.get(name)
                 order = self.alignment.unit_orders.get(layer)
                 units = order.indices(suffix, self.model.widths) if order is not None else None
                 if LINEARS[suffix][0] == "reader":
                     weight = weight[units[rows]] if units is not None else weight[rows]
-                    gain = self._gain(f"{layer_prefix(layer)}{READER_GAINS[suffix]}.weight")
-                    return transform.read(weight, columns, gain)
+                    return self._read(weight, columns, f"{layer_prefix(layer)}{READER_GAINS[suffix]}.weight")
                 weight = weight[:, units[columns]] if units is not None else weight[:, columns]
                 return transform.write(weight, rows)
         return self.inner.get_region(name, region)
@@ -182,9 +211,9 @@ class AlignedDonorReader:
 def fit_transform(method: str, donor_embed: torch.Tensor, base_embed: torch.Tensor,
                   device: torch.device) -> ResidualTransform:
     if method == "permutation":
-        return fit_permutation(donor_embed, base_embed)
+        return fit_permutation(donor_embed, base_embed, device)
     if method == "rotation":
-        return Rotation(fit_rotation(donor_embed, base_embed).to(device, torch.float32))
+        return Rotation(fit_rotation(donor_embed, base_embed, device).to(torch.float32))
     return IdentityResidual()
 
 
@@ -274,10 +303,28 @@ def _picked(order: torch.Tensor, energy: torch.Tensor, base_units: int, target_u
     }
 
 
+def graft_gains(plan: SurgeryPlan) -> dict[str, torch.Tensor]:
+    """Per donor norm, the gains the graft's norm holds on the base's coordinates: the base's gains of the target
+    layer that donor layer is grafted into (the first such layer, if a donor layer feeds several), compensated."""
+    base = CheckpointReader(plan.base.folder)
+    factor = norm_compensation(plan.base.widths.hidden_size, plan.target.hidden_size)
+    gains = {FINAL_NORM: base.get(FINAL_NORM).to(torch.float32) * factor}
+    for layer, donor_layer in enumerate(plan.donor_layers):
+        for norm in LAYER_NORMS:
+            key = f"{layer_prefix(donor_layer)}{norm}.weight"
+            if key not in gains:
+                gains[key] = base.get(f"{layer_prefix(layer)}{norm}.weight").to(torch.float32) * factor
+    return gains
+
+
 def open_aligned_donor(plan: SurgeryPlan, align: str, select: str) -> AlignedDonorReader:
-    """The surgery's donor reader for `plan`, with its alignment fitted (and logged) now."""
+    """The surgery's donor reader for `plan`, with its alignment fitted (and logged) now and, once the basis is
+    aligned, its gains matched to the graft's."""
     donor = read_model_shape(plan.donor.folder, "donor")  # the stored layout (the plan's may be untied)
     alignment = fit_alignment(plan.base, donor, plan.target, align, select, sorted(set(plan.donor_layers)))
+    if align != "none":
+        alignment.matched_gains = graft_gains(plan)
+        alignment.report["gains"] = "matched to the graft's norms on the base's coordinates"
     return AlignedDonorReader(CheckpointReader(donor.folder), donor, alignment)
 
 

@@ -139,15 +139,19 @@ def column_correlations(donor_embed: torch.Tensor, base_embed: torch.Tensor) -> 
     return _standardised_columns(base_embed).T @ _standardised_columns(donor_embed)
 
 
-def fit_permutation(donor_embed: torch.Tensor, base_embed: torch.Tensor) -> SignedPermutation:
+def fit_permutation(donor_embed: torch.Tensor, base_embed: torch.Tensor,
+                    device: torch.device | None = None) -> SignedPermutation:
     """The signed permutation whose first d coordinates best match the base's, by a Hungarian assignment.
 
     Each base coordinate gets its own donor coordinate, maximising the summed |correlation|; a negative
     correlation flips that coordinate's sign (also exact). The unmatched donor coordinates follow in index order.
+    The correlations (a 2 TFLOP product at llama-30b's embedding) are computed on `device`, the assignment on the
+    CPU.
     """
     from scipy.optimize import linear_sum_assignment
 
-    correlations = column_correlations(donor_embed, base_embed)
+    device = device or donor_embed.device
+    correlations = column_correlations(donor_embed.to(device), base_embed.to(device)).cpu()
     # with no more rows than columns, every base coordinate (row) is assigned, and the rows come back in order
     _, donor_columns = linear_sum_assignment(correlations.abs().double().numpy(), maximize=True)
     matched = torch.as_tensor(donor_columns, dtype=torch.int64)
@@ -159,51 +163,55 @@ def fit_permutation(donor_embed: torch.Tensor, base_embed: torch.Tensor) -> Sign
     return SignedPermutation(order, signs)
 
 
-def fit_rotation(donor_embed: torch.Tensor, base_embed: torch.Tensor) -> torch.Tensor:
+def fit_rotation(donor_embed: torch.Tensor, base_embed: torch.Tensor,
+                 device: torch.device | None = None) -> torch.Tensor:
     """An orthogonal Q (d' x d', float64) whose first d columns best map the donor's embedding onto the base's.
 
     Least squares E_donor T = E_base (T is d' x d), then the nearest matrix with orthonormal columns (U V^T of T's
     SVD). The remaining d' - d columns span the orthogonal complement, ordered by how much of the donor's
     embedding lies along each (its principal directions there), so a target narrower than the donor keeps the
-    donor's strongest directions of its own. float64 on the CPU. Directions of the donor's embedding no stronger
-    than its storage rounding are left out of the fit (minimum-norm solution), or the noise in them, divided by
-    their tiny singular values, would swamp the map (as it does for a donor whose extra dims are empty).
+    donor's strongest directions of its own.
+
+    The least squares goes through the eigendecomposition of the donor's Gram matrix in float64 (matrix products,
+    fast on any device; llama-30b's embedding is ~5 TFLOP), so directions no stronger than the embedding's storage
+    rounding can be left out (the minimum-norm solution): the noise in them, divided by their tiny singular values,
+    would swamp the map, as it does for a donor whose extra dims are empty.
     """
-    donor, base = donor_embed.double().cpu(), base_embed.double().cpu()
-    rcond = rounding_rcond(donor, torch.finfo(donor_embed.dtype).eps)
-    fit = torch.linalg.lstsq(donor, base, rcond=rcond, driver="gelsy").solution
+    device = device or donor_embed.device
+    floor = rounding_floor(donor_embed, torch.finfo(donor_embed.dtype).eps)
+    donor, base = donor_embed.to(device, torch.float64), base_embed.to(device, torch.float64)
+    gram = donor.T @ donor
+    strength, directions = torch.linalg.eigh(gram)  # eigenvalues: the squared singular values of the embedding
+    # a float64 Gram matrix resolves singular values down to about sqrt(eps64) ~ 1.5e-8 of the largest, not below
+    floor = max(floor, 1e-7 * strength.max().clamp_min(0).sqrt().item())
+    inverse = torch.where(strength > floor**2, 1 / strength.clamp_min(1e-300), torch.zeros_like(strength))
+    fit = directions @ (inverse[:, None] * (directions.T @ (donor.T @ base)))
+    del donor, base
     left, _, right = torch.linalg.svd(fit, full_matrices=False)
     basis = left @ right
-    width, kept = donor.shape[1], base.shape[1]
+    width, kept = basis.shape
     if kept == width:
         return basis
     complement = torch.linalg.qr(basis, mode="complete").Q[:, kept:]
-    spread = donor @ complement
-    _, directions = torch.linalg.eigh(spread.T @ spread)
-    complement = complement @ directions.flip(1)
+    _, principal = torch.linalg.eigh(complement.T @ gram @ complement)
+    complement = complement @ principal.flip(1)
     # eigenvectors have no sign of their own: make each column's largest entry positive, for reproducibility
     peak = complement.abs().argmax(dim=0)
-    complement = complement * torch.sign(complement[peak, torch.arange(complement.shape[1])])
+    complement = complement * torch.sign(complement[peak, torch.arange(complement.shape[1], device=device)])
     return torch.cat([basis, complement], dim=1)
 
 
-def rounding_rcond(matrix: torch.Tensor, eps: float, iterations: int = 30) -> float:
-    """The singular value, relative to the largest, below which a direction of `matrix` is indistinguishable from
-    rounding noise.
+def rounding_floor(matrix: torch.Tensor, eps: float) -> float:
+    """The singular value below which a direction of `matrix` is indistinguishable from rounding noise.
 
     An error of one ulp (eps x rms(entry)) in every entry is noise of spectral norm about eps x rms x (sqrt(rows) +
     sqrt(columns)) (an iid matrix's); weights that were computed, not just stored, carry several times that, so
     the floor is ten times it. On SmolLM2's embedding, even with bf16's eps, the floor is half the smallest
-    singular value. The largest singular value comes from a few power iterations (GFLOPs, not an SVD).
+    singular value.
     """
     rows, columns = matrix.shape
-    floor = 10 * eps * matrix.pow(2).mean().sqrt().item() * (rows**0.5 + columns**0.5)
-    vector = torch.randn(columns, generator=torch.Generator().manual_seed(0), dtype=matrix.dtype)
-    for _ in range(iterations):
-        vector = matrix.T @ (matrix @ vector)
-        vector /= vector.norm().clamp_min(1e-300)
-    largest = (matrix @ vector).norm().item()
-    return floor / largest if largest > 0 else 0.0
+    rms = matrix.to(torch.float64).pow(2).mean().sqrt().item()
+    return 10 * eps * rms * (rows**0.5 + columns**0.5)
 
 
 def relative_residual(fitted: torch.Tensor, target: torch.Tensor) -> float:

@@ -13,10 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.checkpoint import CheckpointReader
+from pipeline.config import validate_config
 from pipeline.runs import read_manifest
+from surgery.aligned_donor import open_aligned_donor
 from surgery.alignment import fit_permutation, fit_rotation, place_chosen_units
 from surgery.calibration import StreamedLlama
 from surgery.cli import main as surgery_main
+from surgery.cli import make_plan
 
 BASE = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
         "num_hidden_layers": 3}
@@ -181,23 +184,46 @@ def test_output_selection_keeps_the_function_and_grafts_the_strongest_units(tiny
 
     out = graft(base, donor, tmp_path / "graft", "--mode", "readers", "--select", "output", "--align", "rotation")
     grafted, original = CheckpointReader(out), CheckpointReader(donor)
+
+    def effective(reader, prefix: str, name: str, norm: str) -> torch.Tensor:
+        """A reader with the gain in front of it folded in: what it applies to the normalised stream."""
+        return reader.get(f"{prefix}{name}.weight") * reader.get(f"{prefix}{norm}.weight")
+
     for layer in range(3):  # the layer maps match: 3 donor layers for 3 target layers
         prefix = f"model.layers.{layer}."
         # the grafted kv group's k rows (16..24) and its query heads' q rows (32..48) are donor group 0's, which a
         # rotation leaves row for row as the donor's rows times the same orthogonal matrix: compare their Gram
         for name, rows, donor_rows in (("self_attn.k_proj", slice(16, 24), slice(0, 8)),
                                        ("self_attn.q_proj", slice(32, 48), slice(0, 16))):
-            got = grafted.get(f"{prefix}{name}.weight")[rows]
-            want = original.get(f"{prefix}{name}.weight")[donor_rows] * original.get(f"{prefix}input_layernorm.weight")
+            got = effective(grafted, prefix, name, "input_layernorm")[rows]
+            want = effective(original, prefix, name, "input_layernorm")[donor_rows]
             assert torch.allclose(got @ got.T, want @ want.T, atol=1e-4)
-        up = grafted.get(f"{prefix}mlp.up_proj.weight")[64:]
-        gain = original.get(f"{prefix}post_attention_layernorm.weight")
-        donor_up = original.get(f"{prefix}mlp.up_proj.weight") * gain
         # every grafted neuron is one of the planted ones (same row norm, since a rotation keeps norms)
-        norms = donor_up.norm(dim=1)
-        matches = [(norms - row.norm()).abs().argmin().item() for row in up]
+        norms = effective(original, prefix, "mlp.up_proj", "post_attention_layernorm").norm(dim=1)
+        grafted_up = effective(grafted, prefix, "mlp.up_proj", "post_attention_layernorm")[64:]
+        matches = [(norms - row.norm()).abs().argmin().item() for row in grafted_up]
         assert sorted(matches) == sorted(neurons)
     assert relative_delta(logits(out), logits(base)) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["permutation", "rotation"])
+def test_the_surgerys_view_of_the_donor_computes_the_donors_function(tiny_llama, method):
+    """What the surgery streams with --align (its gains matched to the graft's, units selected) is still the donor,
+    re-parameterised: run layer by layer from the view, it gives the donor's logits."""
+    base = tiny_llama("base", **BASE)
+    donor = tiny_llama("donor", hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=96,
+                       num_hidden_layers=5, seed=1)
+    settings = validate_config({"run_dir": ".", "surgery": {"base": str(base), "donor": str(donor), "align": method,
+                                                             "select": "output"}}).surgery
+    view = open_aligned_donor(make_plan(settings), method, "output")
+    assert view.alignment.matched_gains and view.alignment.unit_orders
+    stream = StreamedLlama(view, json.loads((donor / "config.json").read_text()), torch.device("cpu"))
+    hidden = stream.embed([IDS])
+    for done in stream.layers(hidden, 5):
+        hidden = done.hidden
+    with torch.no_grad():
+        expected = load(donor)(IDS).logits[0]
+    assert relative_delta(stream.logits(hidden)[0], expected) < 1e-5
 
 
 def test_the_streamed_forward_matches_transformers(tiny_llama):
