@@ -11,7 +11,9 @@ whose first 576 coordinates are SmolLM2's own features, hidden behind a known ro
   graft is that of the unrotated donor (the oracle row).
 
 Each donor is grafted onto SmolLM2 in block_triangular mode (the mode whose A blocks read base features in the
-donor's basis) with surgery.align none (the baseline), permutation and rotation. Reported per graft: the basis
+donor's basis) with surgery.align none (the baseline), permutation and rotation, and once more from the rotated
+donor exactly as `python -m surgery align --method rotation` writes it (gains folded to 1, not matched to the
+graft's norms: what grafting that folder with --align none gives). Reported per graft: the basis
 error |M[:, :d] - R^T[:, :d]| / |R^T[:, :d]| of the fitted map M (0 = the planted basis recovered), the embedding
 residual the surgery logged, KL(base || graft) and top-1 agreement on held-out text, and the loss of the first
 LoRA steps (r 16, alpha 16, lr 2e-4, AdamW, 128-token blocks of the bundled corpus, the same blocks and seed for
@@ -38,11 +40,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.checkpoint import CheckpointReader  # noqa: E402
+from pipeline.config import validate_config  # noqa: E402
 from pipeline.logits import logit_agreement  # noqa: E402
 from pipeline.models import resolve_model  # noqa: E402
 from pipeline.runs import read_manifest  # noqa: E402
-from surgery.aligned_donor import fit_transform  # noqa: E402
+from surgery.aligned_donor import AlignedDonorReader, fit_alignment, fit_transform  # noqa: E402
 from surgery.cli import main as surgery_main  # noqa: E402
+from surgery.cli import make_plan  # noqa: E402
+from surgery.execute import execute  # noqa: E402
+from surgery.shapes import read_model_shape  # noqa: E402
 
 WIDE = ["--hidden-size", "960", "--num-attention-heads", "15", "--num-key-value-heads", "5",
         "--intermediate-size", "2560"]
@@ -131,6 +137,26 @@ def basis_error(method: str, donor: Path, base_embed: torch.Tensor, truth: torch
     return ((fitted.double() - truth.double()).norm() / truth.double().norm()).item()
 
 
+def graft(base: Path, donor: Path, out: Path, case: str) -> dict:
+    """A block_triangular graft of `donor` onto `base` in `out`; returns the alignment the manifest records.
+
+    case: none | permutation | rotation (the surgery's --align) | aligned-folder (the rotated donor as the align
+    command writes it, grafted as is) | oracle (the unrotated donor, no alignment).
+    """
+    if case != "aligned-folder":
+        flags = ["--align", case] if case in ("permutation", "rotation") else []
+        assert surgery_main(["--base", str(base), "--donor", str(donor), "--out", str(out), "--mode",
+                             "block_triangular", "--dtype", "float32", "--force", *flags]) == 0
+        return (read_manifest(out) or {}).get("alignment", {})
+    settings = validate_config({"run_dir": ".", "surgery": {"base": str(base), "donor": str(donor), "mode":
+                                                             "block_triangular", "dtype": "float32"}}).surgery
+    plan = make_plan(settings)
+    shape = read_model_shape(donor, "donor")
+    alignment = fit_alignment(plan.base, shape, plan.target, "rotation", "index", plan.donor_layers)
+    execute(plan, out, True, {}, AlignedDonorReader(CheckpointReader(donor), shape, alignment))
+    return alignment.report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--donors", nargs="+", default=["quiet", "active"], choices=["quiet", "active"])
@@ -164,20 +190,18 @@ def main() -> int:
             donor = work / f"{kind}-rotated"
             model.save_pretrained(donor, safe_serialization=True)
             del model
-            cases = [(donor, method) for method in ("none", "permutation", "rotation")]
+            cases = [(donor, case) for case in ("none", "permutation", "rotation", "aligned-folder")]
             if kind == "active":
                 cases.append((work / "active-unrotated", "oracle"))
-            for source, method in cases:
-                graft = work / "graft"
-                flags = ["--align", method] if method not in ("none", "oracle") else []
-                assert surgery_main(["--base", str(base), "--donor", str(source), "--out", str(graft), "--mode",
-                                     "block_triangular", "--dtype", "float32", "--force", *flags]) == 0
-                agreement = logit_agreement(base_logits, held_out_logits(graft, held_out))
-                fit = (read_manifest(graft) or {}).get("alignment", {}).get("embedding_residual", {})
-                error = 0.0 if method == "oracle" else basis_error(method, donor, base_embed, truth)
-                rows.append((kind, method, f"{error:.2e}", f"{fit['after']:.2e}" if fit else "-",
-                             agreement.mean_kl, agreement.top1_agreement, lora_losses(graft, train_blocks, args.steps)))
-                shutil.rmtree(graft)
+            for source, case in cases:
+                out = work / "graft"
+                fit = graft(base, source, out, case).get("embedding_residual", {})
+                agreement = logit_agreement(base_logits, held_out_logits(out, held_out))
+                method = {"aligned-folder": "rotation", "oracle": "none"}.get(case, case)
+                error = 0.0 if case == "oracle" else basis_error(method, donor, base_embed, truth)
+                rows.append((kind, case, f"{error:.2e}", f"{fit['after']:.2e}" if fit else "-",
+                             agreement.mean_kl, agreement.top1_agreement, lora_losses(out, train_blocks, args.steps)))
+                shutil.rmtree(out)
                 print(rows[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -31,6 +31,7 @@ from pipeline.runs import atomic_output_dir, refuse_overlap, write_manifest
 from surgery.aligned_donor import AlignedDonorReader, aligned_donor_shape, fit_alignment
 from surgery.alignment import coordinate_correlation
 from surgery.calibration import StreamedLlama, calibration_ids, compute_device
+from surgery.execute import DISK_MARGIN_BYTES, free_disk_bytes
 from surgery.plan import DTYPES, EMBED, check_checkpoint, expected_tensors
 from surgery.shapes import ModelShape, check_donor_matches, donor_layer_sources, read_model_shape
 
@@ -163,9 +164,14 @@ def align_main(argv: list[str]) -> int:
     layout = aligned_donor_shape(donor, args.method)
     dtype = args.dtype or {v: k for k, v in DTYPES.items()}[reader.inner.dtype(EMBED)]
     shapes = expected_tensors(layout)
+    specs = [TensorSpec(name, shape, DTYPES[dtype]) for name, shape in shapes.items()]
+    need, free = sum(spec.nbytes for spec in specs) + DISK_MARGIN_BYTES, free_disk_bytes(out)
+    if free < need:
+        raise UserError(f"not enough free disk for {out}: the aligned donor takes {need / 1e9:.2f} GB and only "
+                        f"{free / 1e9:.2f} GB is free there; free some space, choose another --out, or a smaller "
+                        "--dtype")
     with atomic_output_dir(out, force=args.force) as tmp:
-        writer = ShardedWriter(tmp, [TensorSpec(n, s, DTYPES[dtype]) for n, s in shapes.items()],
-                               parse_size(args.max_shard_size))
+        writer = ShardedWriter(tmp, specs, parse_size(args.max_shard_size))
         for name in tqdm(shapes, desc="aligned donor", unit="tensor"):
             writer.write(name, reader.get(name).to(DTYPES[dtype]))
         writer.close()

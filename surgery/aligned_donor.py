@@ -152,11 +152,14 @@ class AlignedDonorReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.inner.shape(self._source(name))
 
+    @property
+    def _computes(self) -> bool:
+        """Whether values change (a rotation, re-gaining): then every tensor comes back in fp32, rounded once into
+        the output dtype by the caller; re-indexing alone keeps the stored dtype and the values bit for bit."""
+        return self.alignment.transform.folds_gains or bool(self.alignment.matched_gains)
+
     def dtype(self, name: str) -> torch.dtype:
-        """A rotation or re-gaining computes in fp32 (rounded once, by the caller); re-indexing keeps the stored
-        dtype."""
-        computed = self.alignment.transform.folds_gains or self.alignment.matched_gains
-        return torch.float32 if computed else self.inner.dtype(self._source(name))
+        return torch.float32 if self._computes else self.inner.dtype(self._source(name))
 
     def get(self, name: str) -> torch.Tensor:
         return self.get_region(name, [(0, size) for size in self.shape(name)])
@@ -167,15 +170,16 @@ class AlignedDonorReader:
     def _gains(self, norm: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the gain this view presents for `norm` over all d' coordinates, the factor its readers' columns take
         for it, or None when the transform's own gain is presented)."""
-        own = self.alignment.transform.gain(self.inner.get(norm), slice(None)).to(torch.float32)
+        own = self.alignment.transform.gain(self.inner.get(norm), slice(None))
         matched = self.alignment.matched_gains.get(norm)
         if matched is None:
             return own, None
+        own = own.to(torch.float32)
         presented = own.clone()
         # a (near-)zero base gain reads nothing there anyway; dividing by it would only blow the column up
         head = presented[: matched.shape[0]]
         head.copy_(torch.where(matched.abs() > 1e-6, matched.to(torch.float32), head))
-        return presented, own / presented
+        return presented, torch.where(presented == 0, torch.ones_like(own), own / presented)
 
     def _read(self, weight: torch.Tensor, columns: slice, norm: str) -> torch.Tensor:
         """A reader's aligned columns: the transform's, re-gained for the gain this view presents for `norm`."""
@@ -185,6 +189,10 @@ class AlignedDonorReader:
 
     def get_region(self, name: str, region: Sequence[tuple[int, int]]) -> torch.Tensor:
         """[start, stop) along each axis of the aligned tensor; the donor tensor behind it is read whole."""
+        tensor = self._aligned(name, region)
+        return tensor.to(torch.float32) if self._computes else tensor
+
+    def _aligned(self, name: str, region: Sequence[tuple[int, int]]) -> torch.Tensor:
         transform = self.alignment.transform
         rows = slice(*region[0])
         columns = slice(*region[1]) if len(region) > 1 else None
@@ -356,11 +364,15 @@ def alignment_estimate(plan: SurgeryPlan, align: str, select: str) -> str:
         regions = [t.donor_region for t in plan.tensors if t.donor_region is not None and len(t.donor_region) == 2]
         flops = sum(2 * (rows[1] - rows[0]) * width * (cols[1] - cols[0]) for rows, cols in regions)
         rate = matmul_rate(device)
-        fit_flops = 2 * vocab * width**2 + 20 * width**3  # QR least squares, then two SVD/QR of d' x d'
-        cpu64 = matmul_rate(torch.device("cpu"), torch.float64)
+        base_width = plan.base.widths.hidden_size
+        products = 2 * vocab * width * (width + base_width)  # the Gram matrix and E_donor^T E_base
+        decompositions = 10 * width**3  # eigh of the Gram, SVD of the d' x d map, QR: rough, and slower per FLOP
+        rate64 = matmul_rate(device, torch.float64)
         lines += [
-            f"  fit: least squares on the {vocab} x {width} donor embedding, float64 on the CPU: "
-            f"{fit_flops / 1e12:.2f} TFLOP, ~{fit_flops / cpu64:.0f} s at {cpu64 / 1e9:.0f} GFLOP/s (probe matmul)",
+            f"  fit: least squares on the {vocab} x {width} donor embedding, float64 on {device.type}: "
+            f"{products / 1e12:.2f} TFLOP of products (~{products / rate64:.0f} s at {rate64 / 1e9:.0f} GFLOP/s, "
+            f"probe matmul) + ~{decompositions / 1e12:.1f} TFLOP of decompositions (eigh, SVD, QR; these run below "
+            "the matmul rate)",
             f"  rotating the {len(regions)} donor blocks the plan reads: {flops / 1e12:.2f} TFLOP in fp32 on "
             f"{device.type}, ~{flops / rate:.0f} s at {rate / 1e12:.2f} TFLOP/s (probe matmul)",
         ]
