@@ -20,6 +20,10 @@ FillMode = Literal["readers", "block_diagonal", "block_triangular", "zero"]
 LayerMap = Literal["index", "proportional"]
 DType = Literal["bfloat16", "float16", "float32"]
 NewLayers = Literal["donor", "copy"]
+# How the donor's residual basis is re-parameterised towards the base's before grafting (surgery/alignment.py).
+AlignMethod = Literal["none", "permutation", "rotation"]
+# Which donor heads and neurons land in the grafted positions: by index, or those with the largest output.
+UnitSelection = Literal["index", "output"]
 
 
 class StrictModel(BaseModel):
@@ -55,6 +59,8 @@ class SurgeryConfig(StrictModel):
     # None: donor with a real donor, copy with a random one.
     new_layers: NewLayers | None = None
     max_shard_size: str = "5GB"
+    align: AlignMethod = "none"
+    select: UnitSelection = "index"
 
 
 class WandbConfig(StrictModel):

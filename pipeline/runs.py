@@ -102,6 +102,15 @@ def remove_stale_temporaries(final: Path) -> None:
         shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
 
 
+def refuse_overlap(out: Path, inputs: list[Path]) -> None:
+    """Never write into (or over) an input folder: inputs are never modified."""
+    target = out.resolve()
+    for folder in inputs:
+        source = folder.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise UserError(f"--out {out} overlaps the input {folder}; choose an output folder outside the inputs")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(final: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `final` to fill; rename it into place only if the body succeeds.

@@ -4,6 +4,7 @@
     python -m surgery --config FILE [--set surgery.key=value ...] [flags that override the config]
     python -m surgery verify --base REF --out DIR [--device auto|cpu|cuda]
     python -m surgery verify --config FILE [--set key=value ...]   (the base and output of that run)
+    python -m surgery align --base REF --donor REF --out DIR --method permutation|rotation [--select output]
 """
 
 from __future__ import annotations
@@ -18,19 +19,22 @@ from typing import Any, get_args
 
 from pipeline.checkpoint import CheckpointReader, TensorIndex, parse_size
 from pipeline.config import (
+    AlignMethod,
     DType,
     FillMode,
     LayerMap,
     NewLayers,
     RunConfig,
     SurgeryConfig,
+    UnitSelection,
     apply_override,
     load_config,
     validate_config,
 )
 from pipeline.errors import UserError, run_cli
 from pipeline.models import model_headers, resolve_model
-from pipeline.runs import stage_fingerprint
+from pipeline.runs import refuse_overlap, stage_fingerprint
+from surgery.aligned_donor import aligned_donor_shape, alignment_estimate, check_alignment_settings, open_aligned_donor
 from surgery.execute import execute, free_disk_bytes
 from surgery.plan import SurgeryPlan, build_plan, check_checkpoint
 from surgery.shapes import check_donor_matches, read_model_shape, target_widths
@@ -52,6 +56,8 @@ FLAG_KEYS = {
     "intermediate_size": "target.intermediate_size",
     "num_hidden_layers": "target.num_hidden_layers",
     "new_layers": "new_layers",
+    "align": "align",
+    "select": "select",
 }
 
 
@@ -80,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-layers", choices=get_args(NewLayers), help="what fills the new layers' other "
                         "tensors: the donor layer of their position, or a copy of the layer before (default donor; "
                         "copy with --donor random)")
+    parser.add_argument("--align", choices=get_args(AlignMethod), help="re-parameterise the donor's residual basis "
+                        "towards the base's before grafting (exact for the donor; default none)")
+    parser.add_argument("--select", choices=get_args(UnitSelection), help="which donor heads and neurons are grafted: "
+                        "by index (default) or those with the largest output on calibration text")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without writing (reads "
                         "only config.json and the safetensors headers, also of hub models)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
@@ -125,15 +135,6 @@ def resolve_settings(args: argparse.Namespace) -> tuple[RunConfig | None, Surger
     return None, validate_config(raw, "command line").surgery, Path(args.out)
 
 
-def refuse_overlap(out: Path, inputs: list[Path]) -> None:
-    """Never write into (or over) an input folder: inputs are never modified."""
-    target = out.resolve()
-    for folder in inputs:
-        source = folder.resolve()
-        if target == source or source in target.parents or target in source.parents:
-            raise UserError(f"--out {out} overlaps the input {folder}; choose an output folder outside the inputs")
-
-
 def make_plan(settings: SurgeryConfig, weights: bool = True) -> SurgeryPlan:
     """Resolve the models, check they can be grafted, and lay out every output tensor.
 
@@ -154,7 +155,7 @@ def make_plan(settings: SurgeryConfig, weights: bool = True) -> SurgeryPlan:
     target = target_widths(base, donor, settings.target)
     plan = build_plan(
         base,
-        donor,
+        aligned_donor_shape(donor, settings.align) if donor is not None else None,
         target,
         mode=settings.mode,
         legacy=settings.legacy,
@@ -176,10 +177,14 @@ def build_main(argv: list[str]) -> int:
     run, settings, out = resolve_settings(args)
     if out.exists() and not args.force and not args.dry_run:
         raise UserError(f"output {out} already exists; pass --force to replace it or choose another --out")
+    check_alignment_settings(settings.donor == "random", settings.legacy, settings.align, settings.select)
+    aligning = settings.align != "none" or settings.select != "index"
     plan = make_plan(settings, weights=not args.dry_run)
     refuse_overlap(out, [plan.base.folder] + ([plan.donor.folder] if plan.donor is not None else []))
     if args.dry_run:
         print(plan.render(free_disk_bytes(out)))
+        if aligning:
+            print(alignment_estimate(plan, settings.align, settings.select))
         print(f"\noutput: {out}{' (exists; --force would replace it)' if out.exists() else ''}")
         return 0
     log.info("%s -> %s (%s, %s, %d -> %d layers)", settings.base, out, plan.mode, plan.exactness.split(":")[0],
@@ -196,7 +201,10 @@ def build_main(argv: list[str]) -> int:
     if run is not None:
         fields["fingerprint"] = stage_fingerprint(run, "surgery")
         fields["config"] = str(args.config)
-    execute(plan, out, args.force, fields)
+    donor = open_aligned_donor(plan, settings.align, settings.select) if aligning else None
+    if donor is not None:
+        fields["alignment"] = donor.alignment.report
+    execute(plan, out, args.force, fields, donor)
     return 0
 
 
@@ -224,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "verify":
             return run_cli(lambda: verify_main(argv[1:]))
+        if argv and argv[0] == "align":
+            from surgery.align import align_main
+
+            return run_cli(lambda: align_main(argv[1:]))
         return run_cli(lambda: build_main(argv))
     except BrokenPipeError:
         # `--dry-run | head` closed the pipe: nothing went wrong, and the plan's reader has what it wanted.

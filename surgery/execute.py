@@ -17,7 +17,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -29,6 +29,9 @@ from pipeline.runs import atomic_output_dir, write_manifest
 from surgery import blocks
 from surgery.plan import SurgeryPlan, TensorPlan
 from surgery.random_donor import random_block, random_norm_entries
+
+if TYPE_CHECKING:
+    from surgery.aligned_donor import AlignedDonorReader
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +136,17 @@ def write_config_files(plan: SurgeryPlan, folder: Path) -> None:
         (folder / "generation_config.json").write_text(json.dumps({"_from_model_config": True, **tokens}, indent=2))
 
 
-def execute(plan: SurgeryPlan, out: Path, force: bool, manifest_fields: dict[str, Any]) -> dict[str, Any]:
-    """Write the widened model to `out` atomically; returns what was read and written, and how long it took."""
+def execute(plan: SurgeryPlan, out: Path, force: bool, manifest_fields: dict[str, Any],
+            donor_reader: AlignedDonorReader | None = None) -> dict[str, Any]:
+    """Write the widened model to `out` atomically; returns what was read and written, and how long it took.
+
+    `donor_reader` replaces the plain reader of the donor's folder (the aligned view of surgery.align/select).
+    """
     check_free_disk(plan, out)
     started = time.monotonic()
     try:
         with single_threaded_torch():
-            stats = _stream(plan, out, force, manifest_fields, started)
+            stats = _stream(plan, out, force, manifest_fields, started, donor_reader)
     except OSError as err:
         # The free-space check passed, but the disk filled up while writing (another writer, a quota, a file-size
         # limit): the temporary folder is already gone, so this is the user's problem to fix, not a crash.
@@ -167,9 +174,11 @@ def single_threaded_torch() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _stream(plan: SurgeryPlan, out: Path, force: bool, manifest_fields: dict[str, Any], started: float) -> dict:
+def _stream(plan: SurgeryPlan, out: Path, force: bool, manifest_fields: dict[str, Any], started: float,
+            donor_reader: AlignedDonorReader | None) -> dict:
     base_reader = CheckpointReader(plan.base.folder)
-    donor_reader = CheckpointReader(plan.donor.folder) if plan.donor is not None else None
+    if donor_reader is None and plan.donor is not None:
+        donor_reader = CheckpointReader(plan.donor.folder)
     builder = TensorBuilder(plan, base_reader, donor_reader)
     with atomic_output_dir(out, force=force) as tmp:
         log.info("writing %d tensors (%.2f GB, %s) into %s", len(plan.tensors), plan.bytes_to_write / 1e9,
