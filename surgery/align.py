@@ -31,9 +31,10 @@ from pipeline.runs import atomic_output_dir, refuse_overlap, write_manifest
 from surgery.aligned_donor import AlignedDonorReader, aligned_donor_shape, fit_alignment
 from surgery.alignment import coordinate_correlation
 from surgery.calibration import StreamedLlama, calibration_ids, compute_device
+from surgery.depth import donor_layer_sources
 from surgery.execute import DISK_MARGIN_BYTES, free_disk_bytes
 from surgery.plan import DTYPES, EMBED, check_checkpoint, expected_tensors
-from surgery.shapes import ModelShape, check_donor_matches, donor_layer_sources, read_model_shape
+from surgery.shapes import ModelShape, check_donor_matches, read_model_shape
 
 log = logging.getLogger("surgery")
 
