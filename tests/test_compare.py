@@ -169,3 +169,24 @@ def test_unfinished_and_stale_runs_are_refused_naming_the_stage(pair, tmp_path):
     stale = refused(str(pair["smoke"]["config"]), "--set", "eval.probe.prompts=3", "--out", str(tmp_path / "out"))
     assert f"{pair['smoke']['folder']}: eval is stale for this config" in stale
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_whose_trained_model_degenerated_is_compared_with_its_verdict(pair, tmp_path):
+    """Eval judged the trained model DEGENERATE: its report is written without a manifest and without that model's
+    benchmarks (what eval does by default). That is a finished run with the 2023 failure, not one in progress."""
+    degenerate = copy_run(pair["smoke"]["folder"], tmp_path / "smoke-degenerate")
+    (degenerate / "eval" / "manifest.json").unlink()
+    report_path = degenerate / "eval" / "report.json"
+    report = json.loads(report_path.read_text())
+    report["exit_code"] = 3
+    report["verdicts"]["trained"] = report["probe"]["judgements"]["trained"]["verdict"] = "DEGENERATE"
+    del report["benchmarks"]["item_scores"]["trained"]
+    report["benchmarks"]["not_run"]["trained"] = "DEGENERATE in the probe (eval.probe.skip_benchmarks_on_degenerate)"
+    report_path.write_text(json.dumps(report))
+    result = frankenllama("compare", str(degenerate), str(pair["smoke-control"]["folder"]), "--out",
+                          str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| smoke-degenerate | trained | **DEGENERATE** |" in markdown
+    assert "| smoke-degenerate trained | not run: DEGENERATE in the probe" in markdown
+    assert "| Δ smoke-degenerate − smoke-control | not available: smoke-degenerate has no trained benchmark" in markdown

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from eval.dynamics import Curve, read_curve, seed_band, smoothed, tokens_to_reach, value_at
+from eval.compare import arms_of, matched_heldout, reach_section
+from eval.compare_plots import plot_curves
+from eval.compare_runs import RunRecord
+from eval.dynamics import HELDOUT_BITS_PER_BYTE, Curve, read_curve, seed_band, smoothed, tokens_to_reach, value_at
 from eval.stats import paired_difference, paired_ratio_difference
 
 
@@ -62,3 +67,36 @@ def test_a_bits_per_byte_difference_is_the_difference_of_the_totals_with_a_paire
     assert equal.value == pytest.approx(plain.value) and equal.stderr == pytest.approx(plain.stderr)
     assert paired_ratio_difference([1.0], [2.0], [10]).stderr is None
 
+
+
+def logged_run(name: str, seed: int, heldout: list[tuple[int, float]]) -> RunRecord:
+    """A run as compare reads it, its log history in the train stage's format: a loss entry every step and, every
+    eval_steps, an entry with exactly step, tokens_seen, heldout_loss and heldout_bits_per_byte."""
+    history = [{"step": step, "loss": 3.0 - 0.1 * step, "tokens_seen": 500 * step} for step in range(1, 5)]
+    history += [{"step": tokens // 500, "tokens_seen": tokens, "heldout_loss": 2 * bpb, "heldout_bits_per_byte": bpb}
+                for tokens, bpb in heldout]
+    return RunRecord(Path("/runs") / name, {"seed": seed}, {}, history)
+
+
+def test_the_in_training_held_out_loss_is_compared_at_matched_tokens_and_seed_by_seed(tmp_path):
+    arms = arms_of([
+        logged_run("graft", 0, [(1000, 1.0), (2000, 0.8)]), logged_run("graft-seed1", 1, [(1000, 1.1), (2000, 0.9)]),
+        logged_run("control", 0, [(1000, 1.2), (2000, 1.0)]),
+        logged_run("control-seed1", 1, [(1000, 1.3), (2000, 0.9)]),
+    ])
+    rows = {row["tokens"]: row for row in matched_heldout(arms, "control")}
+    assert sorted(rows) == [1000, 2000]
+    # seed 0: 1.0 - 1.2 and 0.8 - 1.0; seed 1: 1.1 - 1.3 and 0.9 - 0.9
+    assert rows[1000]["delta"]["value"] == pytest.approx(-0.2) and rows[1000]["delta"]["stderr"] == pytest.approx(0)
+    assert rows[2000]["delta"]["value"] == pytest.approx(-0.1) and rows[2000]["delta"]["stderr"] == pytest.approx(0.1)
+    assert rows[2000]["over"] == "seeds" and rows[2000]["delta"]["n"] == 2
+
+    reach = reach_section(arms, "control", HELDOUT_BITS_PER_BYTE, smooth=False)
+    assert reach["target"] == pytest.approx(0.95)  # the control's final held-out loss, mean of its seeds
+    tokens = {row["run"]: row["tokens"] for row in reach["runs"]}
+    assert tokens["graft"] == pytest.approx(1250) and tokens["graft-seed1"] == pytest.approx(1750)
+    assert tokens["control"] is None and tokens["control-seed1"] == pytest.approx(1875)
+    assert reach["arms"]["graft"]["value"] == pytest.approx(1500) and "control" not in reach["arms"]
+
+    assert plot_curves(arms, HELDOUT_BITS_PER_BYTE, False, tmp_path / "h.png", "bits", "t") == ["graft", "control"]
+    assert (tmp_path / "h.png").stat().st_size > 10_000
