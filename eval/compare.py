@@ -19,8 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from eval import benchmarks as bench
-from eval.compare_runs import RunRecord, check_comparable, choose_reference, resolve_inputs
-from eval.dynamics import HELDOUT_BITS_PER_BYTE, TRAINING_LOSS, Curve, read_curve, smoothed, tokens_to_reach, value_at
+from eval.compare_runs import RunRecord, arms_of, check_comparable, choose_reference, resolve_inputs, seed_pairs
+from eval.dynamics import (
+    HELDOUT_BITS_PER_BYTE,
+    TRAINING_LOSS,
+    Curve,
+    difference,
+    read_curve,
+    smoothed,
+    tokens_to_reach,
+    value_at,
+    window_differences,
+)
 from eval.stats import Estimate, combine_equal_weight, mean_estimate, paired_ratio_difference
 from pipeline.config import WandbConfig, load_config
 from pipeline.runs import atomic_output_dir, write_json_atomic
@@ -30,21 +40,7 @@ log = logging.getLogger("compare")
 
 TRAINED = "trained"
 MATCHED_POINTS = 8  # token counts shown in the matched-token table (the plot has them all)
-
-
-def arms_of(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
-    """Runs grouped by arm, in input order, each arm's runs in seed order."""
-    arms: dict[str, list[RunRecord]] = {}
-    for run in runs:
-        arms.setdefault(run.arm, []).append(run)
-    return {arm: sorted(members, key=lambda r: (r.seed is None, r.seed)) for arm, members in arms.items()}
-
-
-def seed_pairs(arm: list[RunRecord], reference: list[RunRecord]) -> list[tuple[RunRecord, RunRecord]]:
-    """(run, reference run) of equal seeds; with no seed in common, the runs in seed order."""
-    by_seed = {run.seed: run for run in reference}
-    pairs = [(run, by_seed[run.seed]) for run in arm if run.seed in by_seed]
-    return pairs or list(zip(arm, reference, strict=False))
+TRAINING_WINDOWS = 4  # stretches of training the per-step training-loss difference is averaged over
 
 
 def over_seeds(estimates: list[Estimate]) -> Estimate:
@@ -240,7 +236,42 @@ def heldout_section(arms: dict[str, list[RunRecord]], reference: str) -> dict[st
         "matched": matched_heldout(arms, reference),
         "reach_heldout": reach_section(arms, reference, HELDOUT_BITS_PER_BYTE, smooth=False),
         "reach_training_loss": reach_section(arms, reference, TRAINING_LOSS, smooth=True),
+        "training_loss": training_loss_section(arms, reference),
     }
+
+
+def first_pass(run: RunRecord) -> bool:
+    """True when the run never went past one pass over its blocks (the Trainer logs `epoch` with every loss)."""
+    epochs = [e["epoch"] for e in run.history if isinstance(e.get("epoch"), (int, float)) and "loss" in e]
+    return not epochs or max(epochs) <= 1.0 + 1e-9
+
+
+def training_loss_section(arms: dict[str, list[RunRecord]], reference: str) -> dict[str, Any]:
+    """The training loss of each run minus the reference's, step by step, in TRAINING_WINDOWS stretches of
+    training: in a first pass every step is scored on blocks not yet trained on, and with equal seeds on the same
+    blocks, so this is a held-out comparison at equal tokens paired block by block (over steps), or over seeds."""
+    rows = []
+    for arm, runs in arms.items():
+        if arm == reference:
+            continue
+        per_pair = []
+        for run, ref in seed_pairs(runs, arms[reference]):
+            mine, theirs = read_curve(run.history, TRAINING_LOSS), read_curve(ref.history, TRAINING_LOSS)
+            delta = difference(mine, theirs) if mine is not None and theirs is not None else None
+            if delta is None:
+                continue
+            stretches = window_differences(delta, TRAINING_WINDOWS)
+            same_blocks = run.seed == ref.seed and first_pass(run) and first_pass(ref)
+            over = "steps, on the same unseen blocks" if same_blocks else "steps"
+            rows += [{"arm": arm, "run": run.name, "reference_run": ref.name, "from_tokens": start, "to_tokens": end,
+                      "delta": estimate.to_dict(), "over": over} for start, end, estimate in stretches]
+            per_pair.append(stretches)
+        if len(per_pair) >= 2 and len({len(p) for p in per_pair}) == 1:
+            for index, (start, end, _) in enumerate(per_pair[0]):
+                estimate = over_seeds([stretches[index][2] for stretches in per_pair])
+                rows.append({"arm": arm, "run": f"mean of {len(per_pair)} seeds", "reference_run": reference,
+                             "from_tokens": start, "to_tokens": end, "delta": estimate.to_dict(), "over": "seeds"})
+    return {"rows": rows, "first_pass": all(first_pass(run) for runs in arms.values() for run in runs)}
 
 
 def checks_section(runs: list[RunRecord]) -> list[dict[str, Any]]:
@@ -312,7 +343,7 @@ def log_to_wandb(run: Any, comparison: dict[str, Any], folder: Path) -> None:
         data=[[r["arm"], r["run"], r["reference_run"], r["tokens"], (r["delta"] or {}).get("value"),
                (r["delta"] or {}).get("stderr"), r["over"]] for r in final])
     for plot in comparison["plots"]:
-        payload[f"compare/{Path(plot).stem}"] = wandb.Image(str(folder / plot))
+        payload[f"compare/plots/{Path(plot).stem}"] = wandb.Image(str(folder / plot))
     run.log(payload)
 
 

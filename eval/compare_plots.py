@@ -2,13 +2,15 @@
 
 One colour per arm; with several seeds the line is their mean and the shaded band their range (three seeds make a
 poor standard deviation but an honest range). The training loss is smoothed (eval/dynamics.py), its raw values
-drawn faintly behind; the held-out loss is drawn as logged.
+drawn faintly behind; the held-out loss is drawn as logged. Below each set of curves, each arm's difference to the
+reference seed by seed: runs with the same seed see the same blocks, so their raw losses rise and fall together
+and the difference is what shows which trains faster.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
@@ -17,22 +19,31 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import EngFormatter
 
 from eval import benchmarks as bench
-from eval.dynamics import HELDOUT_BITS_PER_BYTE, TRAINING_LOSS, read_curve, seed_band, smoothed
+from eval.compare_runs import RunRecord, seed_pairs
+from eval.dynamics import HELDOUT_BITS_PER_BYTE, TRAINING_LOSS, Curve, difference, read_curve, seed_band, smoothed
 from eval.plots import plot_benchmarks
 from eval.stats import Estimate
-
-if TYPE_CHECKING:
-    from eval.compare_runs import RunRecord
 
 TRAINING_PLOT = "training_loss.png"
 HELDOUT_PLOT = "heldout_loss.png"
 BENCHMARK_PLOT = "benchmarks.png"
 
 
-def plot_curves(arms: dict[str, list[RunRecord]], key: str, smooth: bool, path: Path, ylabel: str,
+def _draw_band(ax, curves: list[Curve], color: str, label: str, markers: bool) -> None:
+    band = seed_band(curves)
+    if len(curves) > 1:
+        label = f"{label} (mean of {len(curves)} seeds; band: their range)"
+        ax.fill_between(band.tokens, band.low, band.high, color=color, alpha=0.2, linewidth=0)
+    ax.plot(band.tokens, band.mean, color=color, label=label, linewidth=2,
+            marker="o" if markers and len(band.tokens) < 30 else None)
+
+
+def plot_curves(arms: dict[str, list[RunRecord]], reference: str, key: str, smooth: bool, path: Path, ylabel: str,
                 title: str) -> list[str]:
-    """One line (and seed band) per arm that logged `key`; returns the arms drawn, writing nothing if none."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    """Two panels against tokens seen: every arm's curve (and seed band), and below it each arm's difference to the
+    reference arm, seed by seed (the same seed draws the same blocks). Returns the arms drawn in the upper panel,
+    writing nothing if none logged `key`."""
+    fig, (ax, delta_ax) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 2))
     drawn = []
     for index, (arm, runs) in enumerate(arms.items()):
         raw = [c for c in (read_curve(run.history, key) for run in runs) if c is not None]
@@ -42,20 +53,27 @@ def plot_curves(arms: dict[str, list[RunRecord]], key: str, smooth: bool, path: 
         if smooth:
             for curve in raw:
                 ax.plot(curve.tokens, curve.values, color=color, alpha=0.2, linewidth=0.8)
-        band = seed_band([smoothed(c) for c in raw] if smooth else raw)
-        label = arm if len(raw) == 1 else f"{arm} (mean of {len(raw)} seeds; band: their range)"
-        ax.plot(band.tokens, band.mean, color=color, label=label, linewidth=2,
-                marker="o" if not smooth and len(band.tokens) < 30 else None)
-        if len(raw) > 1:
-            ax.fill_between(band.tokens, band.low, band.high, color=color, alpha=0.2, linewidth=0)
+        _draw_band(ax, [smoothed(c) for c in raw] if smooth else raw, color, arm, not smooth)
         drawn.append(arm)
+        deltas = []
+        for run, ref in seed_pairs(runs, arms[reference]) if arm != reference else []:
+            mine, theirs = read_curve(run.history, key), read_curve(ref.history, key)
+            delta = difference(mine, theirs) if mine is not None and theirs is not None else None
+            if delta is not None:
+                deltas.append(smoothed(delta) if smooth else delta)
+        if deltas:
+            _draw_band(delta_ax, deltas, color, f"{arm} − {reference}", not smooth)
     if drawn:
-        ax.xaxis.set_major_formatter(EngFormatter())
-        ax.set_xlabel("tokens seen")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        delta_ax.axhline(0.0, color="black", linewidth=0.8)
+        delta_ax.set_ylabel(f"minus {reference}, same seed")
+        delta_ax.xaxis.set_major_formatter(EngFormatter())
+        delta_ax.set_xlabel("tokens seen")
+        for axis in (ax, delta_ax):
+            axis.grid(alpha=0.3)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -65,12 +83,13 @@ def plot_curves(arms: dict[str, list[RunRecord]], key: str, smooth: bool, path: 
 def write_plots(folder: Path, arms: dict[str, list[RunRecord]], comparison: dict[str, Any]) -> dict[str, list[str]]:
     """Every figure there is data for: {file name: the arms or rows drawn in it}."""
     plots = {}
-    drawn = plot_curves(arms, TRAINING_LOSS, True, folder / TRAINING_PLOT, "training loss (nats/token), smoothed",
-                        "Training loss at equal tokens (faint: as logged)")
+    reference = comparison["reference"]
+    drawn = plot_curves(arms, reference, TRAINING_LOSS, True, folder / TRAINING_PLOT,
+                        "training loss (nats/token), smoothed", "Training loss at equal tokens (faint: as logged)")
     if drawn:
         plots[TRAINING_PLOT] = drawn
-    drawn = plot_curves(arms, HELDOUT_BITS_PER_BYTE, False, folder / HELDOUT_PLOT, "held-out bits per byte",
-                        "Held-out loss during training, at equal tokens")
+    drawn = plot_curves(arms, reference, HELDOUT_BITS_PER_BYTE, False, folder / HELDOUT_PLOT,
+                        "held-out bits per byte", "Held-out loss during training, at equal tokens")
     if drawn:
         plots[HELDOUT_PLOT] = drawn
     section = comparison["benchmarks"]

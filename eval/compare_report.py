@@ -18,10 +18,11 @@ def _percent(estimate: dict | None, signed: bool = False, unit: str = "") -> str
 
 
 def _bits(estimate: dict | None) -> str:
+    """A loss difference `Δ ± se (n)`, n counting documents, steps or seeds (the error bar column says which)."""
     if estimate is None:
         return "—"
     error = f" ± {estimate['stderr']:.4f}" if estimate["stderr"] is not None else ""
-    return f"{estimate['value']:+.4f}{error}"
+    return f"{estimate['value']:+.4f}{error} ({estimate['n']})"
 
 
 def _tokens(value: float | None) -> str:
@@ -96,13 +97,24 @@ def _heldout_lines(heldout: dict[str, Any], reference: str) -> list[str]:
                      f"{row['over']} |")
     if not heldout["final"]:
         lines.append("| (no run besides the reference) | | | | | |")
+    training = heldout["training_loss"]
+    if training["rows"]:
+        held_out = ("in this first pass every block is new to the model, so with equal seeds this is a held-out "
+                    "comparison on the very same blocks" if training["first_pass"] else
+                    "past one pass over the data, so the later blocks had been trained on: not a held-out comparison")
+        lines += ["", f"Training loss minus the reference's, step by step, averaged over each quarter of training "
+                      f"({held_out}); ± one standard error over the steps, or over seeds:", "",
+                  "| arm | run | vs | tokens | Δ loss (nats/token) | error bar over |", "|---|---|---|---|---|---|"]
+        for row in training["rows"]:
+            lines.append(f"| {row['arm']} | {row['run']} | {row['reference_run']} | {_tokens(row['from_tokens'])}-"
+                         f"{_tokens(row['to_tokens'])} | {_bits(row['delta'])} | {row['over']} |")
     if heldout["matched"]:
         lines += ["", "In-training held-out loss at the reference's logged token counts (Δ bits per byte):", "",
                   "| arm | tokens | Δ bits per byte | error bar |", "|---|---|---|---|"]
         for row in heldout["matched"]:
             lines.append(f"| {row['arm']} | {_tokens(row['tokens'])} | {_bits(row['delta'])} | {row['over']} |")
     for key, what in (("reach_heldout", "held-out bits per byte (in-training curve)"),
-                      ("reach_training_loss", "training loss (smoothed; the training batches, not held out)")):
+                      ("reach_training_loss", "training loss (smoothed)")):
         section = heldout[key]
         if section is None:
             continue

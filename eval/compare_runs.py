@@ -160,6 +160,21 @@ def choose_reference(runs: list[RunRecord], name: str | None) -> str:
     return controls[0] if controls else runs[0].arm
 
 
+def arms_of(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Runs grouped by arm, in input order, each arm's runs in seed order."""
+    arms: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        arms.setdefault(run.arm, []).append(run)
+    return {arm: sorted(members, key=lambda r: (r.seed is None, r.seed)) for arm, members in arms.items()}
+
+
+def seed_pairs(arm: list[RunRecord], reference: list[RunRecord]) -> list[tuple[RunRecord, RunRecord]]:
+    """(run, reference run) of equal seeds; with no seed in common, the runs in seed order."""
+    by_seed = {run.seed: run for run in reference}
+    pairs = [(run, by_seed[run.seed]) for run in arm if run.seed in by_seed]
+    return pairs or list(zip(arm, reference, strict=False))
+
+
 def check_comparable(runs: list[RunRecord], reference: RunRecord) -> None:
     """Refuse runs whose benchmark items, benchmark settings or training slice differ from the reference's."""
     ref_bench = reference.report.get("benchmarks")

@@ -3,7 +3,9 @@
 Runs are compared at equal tokens, not equal steps: a step's tokens depend on batch size, sequence length and the
 number of GPUs, the tokens do not. The training loss is noisy from step to step (each step sees other blocks), so
 it is smoothed before it is read off; the held-out loss is measured on one fixed set of documents and is used as
-logged.
+logged. In the first pass over the data every step's loss is measured on blocks the model has not yet trained on,
+and two runs with the same seed draw the same blocks in the same order: their per-step difference is then a
+paired held-out comparison, block by block (`difference`, `window_differences`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from eval.stats import Estimate, mean_estimate
+
 TRAINING_LOSS = "loss"  # nats/token, every optimizer step
 HELDOUT_BITS_PER_BYTE = "heldout_bits_per_byte"  # the train stage's fixed held-out set, every train.eval_steps
 # Smoothing span of the training loss, as a share of the logged points (at least MIN_SPAN points).
 SPAN_SHARE = 0.1
-MIN_SPAN = 3
+MIN_SPAN = 5
 
 
 @dataclass(frozen=True)
@@ -77,16 +81,18 @@ def value_at(curve: Curve, tokens: float) -> float | None:
 
 
 def tokens_to_reach(curve: Curve, target: float) -> float | None:
-    """The first token count at which the curve is at or below `target`, linear between logged points; None when it
-    never gets there."""
+    """The token count from which on the curve stays at or below `target`, linear between logged points; None when
+    it ends above it. A dip below the target that the curve climbs back out of does not count as reaching it (a
+    training loss dips on every easy block)."""
     xs, ys = curve.tokens, curve.values
-    for i, value in enumerate(ys):
-        if value <= target:
-            if i == 0:
-                return xs[0]
-            share = (ys[i - 1] - target) / (ys[i - 1] - value)
-            return xs[i - 1] + share * (xs[i] - xs[i - 1])
-    return None
+    above = [i for i, value in enumerate(ys) if value > target]
+    if not above:
+        return xs[0]
+    last = above[-1]
+    if last == len(ys) - 1:
+        return None
+    share = (ys[last] - target) / (ys[last] - ys[last + 1])
+    return xs[last] + share * (xs[last + 1] - xs[last])
 
 
 @dataclass(frozen=True)
@@ -105,3 +111,23 @@ def seed_band(curves: list[Curve]) -> SeedBand:
     columns = [[value_at(c, t) for c in curves] for t in grid]
     return SeedBand(tuple(grid), tuple(sum(col) / len(col) for col in columns), tuple(min(col) for col in columns),
                     tuple(max(col) for col in columns))
+
+
+def difference(curve: Curve, reference: Curve) -> Curve | None:
+    """`curve - reference` at the token counts both logged (the same steps, for runs with the same batch)."""
+    at = dict(zip(reference.tokens, reference.values, strict=True))
+    points = [(t, v - at[t]) for t, v in zip(curve.tokens, curve.values, strict=True) if t in at]
+    if not points:
+        return None
+    return Curve(tuple(t for t, _ in points), tuple(v for _, v in points))
+
+
+def window_differences(delta: Curve, windows: int) -> list[tuple[float, float, Estimate]]:
+    """The per-step differences cut into `windows` consecutive stretches of training: (first tokens, last tokens,
+    mean difference with its standard error over the steps) for each stretch that holds any step."""
+    size = math.ceil(len(delta.tokens) / windows)
+    stretches = []
+    for start in range(0, len(delta.tokens), size):
+        tokens, values = delta.tokens[start : start + size], delta.values[start : start + size]
+        stretches.append((tokens[0], tokens[-1], mean_estimate(list(values))))
+    return stretches

@@ -6,10 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from eval.compare import arms_of, matched_heldout, reach_section
+from eval.compare import matched_heldout, reach_section
 from eval.compare_plots import plot_curves
-from eval.compare_runs import RunRecord
-from eval.dynamics import HELDOUT_BITS_PER_BYTE, Curve, read_curve, seed_band, smoothed, tokens_to_reach, value_at
+from eval.compare_runs import RunRecord, arms_of
+from eval.dynamics import (
+    HELDOUT_BITS_PER_BYTE,
+    Curve,
+    difference,
+    read_curve,
+    seed_band,
+    smoothed,
+    tokens_to_reach,
+    value_at,
+    window_differences,
+)
 from eval.stats import paired_difference, paired_ratio_difference
 
 
@@ -35,9 +45,10 @@ def test_values_are_read_between_logged_points_and_never_outside_them():
     assert value_at(curve, 99) is None and value_at(curve, 401) is None
 
 
-def test_tokens_to_reach_a_loss_is_the_first_crossing():
+def test_a_loss_is_reached_where_the_curve_stays_below_it():
     curve = Curve((100.0, 200.0, 300.0, 400.0), (3.0, 2.0, 2.5, 1.0))
-    assert tokens_to_reach(curve, 2.5) == pytest.approx(150.0)  # on the way down, not the later bump at 300
+    assert tokens_to_reach(curve, 2.2) == pytest.approx(320.0)  # the dip to 2.0 at 200 climbed back out
+    assert tokens_to_reach(curve, 2.5) == pytest.approx(150.0)  # 2.5 itself counts as reached
     assert tokens_to_reach(curve, 3.5) == 100.0
     assert tokens_to_reach(curve, 0.5) is None
 
@@ -48,6 +59,15 @@ def test_smoothing_keeps_a_flat_curve_flat_from_its_first_point():
     noisy = Curve(tuple(float(t) for t in range(40)), tuple(2.0 + (-1) ** t for t in range(40)))
     spread = max(noisy.values) - min(noisy.values)
     assert max(smoothed(noisy).values[10:]) - min(smoothed(noisy).values[10:]) < spread / 2
+
+
+def test_two_runs_differ_step_by_step_at_the_token_counts_both_logged_and_by_stretch_of_training():
+    delta = difference(Curve((1.0, 2.0, 3.0, 4.0, 5.0), (5.0, 4.0, 3.0, 2.0, 1.0)),
+                       Curve((2.0, 3.0, 4.0, 5.0, 6.0), (4.5, 3.5, 2.0, 1.5, 1.0)))
+    assert delta == Curve((2.0, 3.0, 4.0, 5.0), (-0.5, -0.5, 0.0, -0.5))
+    (first_start, first_end, first), (second_start, second_end, second) = window_differences(delta, 2)
+    assert (first_start, first_end, first.value, first.stderr) == (2.0, 3.0, -0.5, 0.0)
+    assert (second_start, second_end, second.value, second.n) == (4.0, 5.0, -0.25, 2)
 
 
 def test_a_seed_band_spans_the_seeds_where_all_of_them_logged():
@@ -98,5 +118,6 @@ def test_the_in_training_held_out_loss_is_compared_at_matched_tokens_and_seed_by
     assert tokens["control"] is None and tokens["control-seed1"] == pytest.approx(1875)
     assert reach["arms"]["graft"]["value"] == pytest.approx(1500) and "control" not in reach["arms"]
 
-    assert plot_curves(arms, HELDOUT_BITS_PER_BYTE, False, tmp_path / "h.png", "bits", "t") == ["graft", "control"]
+    drawn = plot_curves(arms, "control", HELDOUT_BITS_PER_BYTE, False, tmp_path / "h.png", "bits", "t")
+    assert drawn == ["graft", "control"]
     assert (tmp_path / "h.png").stat().st_size > 10_000

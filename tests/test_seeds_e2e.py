@@ -24,7 +24,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE"
        "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
 STEPS = 4
 
-pytestmark = pytest.mark.slow  # four runs of three stages: minutes on two busy cores
+# Four runs: 490 s on two cores shared with other jobs (load average about 7), near pytest's default timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def tiny_config(run_dir: Path, base: Path, mode: str) -> dict:
@@ -124,5 +125,7 @@ def test_compare_pairs_the_arms_seed_by_seed_with_error_bars_over_seeds(seeded):
     assert [row["run"] for row in final] == ["graft", "graft-seed1", "mean of 2 seeds"]
     assert final[2]["over"] == "seeds" and final[2]["delta"]["stderr"] is not None
     assert final[2]["delta"]["value"] == pytest.approx((final[0]["delta"]["value"] + final[1]["delta"]["value"]) / 2)
+    over_seeds = [row for row in comparison["heldout"]["training_loss"]["rows"] if row["over"] == "seeds"]
+    assert over_seeds and all(row["delta"]["n"] == 2 for row in over_seeds)
     assert comparison["plots"]["training_loss.png"] == ["graft", "control"]
     assert "mean of 2 seeds" in (out / "report.md").read_text()
