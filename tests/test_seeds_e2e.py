@@ -24,7 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE"
        "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
 STEPS = 4
 
-# Four runs: 490 s on two cores shared with other jobs (load average about 7), near pytest's default timeout.
+# Four runs: 278 to 490 s on two cores shared with other jobs (load average 4 to 7), near pytest's default timeout.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
