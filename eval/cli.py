@@ -4,6 +4,7 @@
 `python -m eval probe --model PATH [--base PATH] [--max-new-tokens N] [--json FILE]` only probes one model
 for degenerate output; its last line is `verdict: PASS|WARN|DEGENERATE`, and it exits 3 on DEGENERATE so a
 script can stop before spending a GPU budget on a broken model.
+`python -m eval compare RUN_OR_CONFIG... --out DIR` (`frankenllama compare`) compares finished runs.
 """
 
 from __future__ import annotations
@@ -99,11 +100,44 @@ def run_probe_cli(args) -> int:
     return EXIT_DEGENERATE if result.judgement.verdict == "DEGENERATE" else 0
 
 
+def compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="frankenllama compare", description="Finished runs side by side, every difference paired against a "
+        "reference run: benchmarks, held-out loss at equal tokens, training curves, degeneration (eval/compare.py).")
+    parser.add_argument("inputs", nargs="+", metavar="RUN_OR_CONFIG", help="run folders, or the configs they ran with")
+    parser.add_argument("--out", required=True, type=Path, help="folder for report.md, report.json and the plots")
+    parser.add_argument("--reference", metavar="NAME", help="the run (folder name) every other is compared with; "
+                        "default: the first control run, else the first input")
+    parser.add_argument("--seeds", metavar="S,S,...", help="expand each config into its runs with these seeds "
+                        "(as `frankenllama run CONFIG --seeds` made them)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of every input config, as for `frankenllama run` (repeatable)")
+    parser.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"],
+                        help="wandb mode of the comparison's run (default: the first config's train.wandb.mode, "
+                             "else auto)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["probe"]:
         args = probe_parser().parse_args(argv[1:])
         return run_cli(lambda: run_probe_cli(args))
+    if argv[:1] == ["compare"]:
+        compare_args = compare_parser().parse_args(argv[1:])
+
+        def compare() -> int:
+            from eval.compare import run_compare
+            from pipeline.seeds import parse_seeds
+
+            seeds = parse_seeds(compare_args.seeds) if compare_args.seeds is not None else None
+            run_compare(compare_args.inputs, compare_args.out, compare_args.reference, seeds, compare_args.overrides,
+                        compare_args.wandb, compare_args.force)
+            print(f"compare: report in {compare_args.out / 'report.md'}")
+            return 0
+
+        return run_cli(compare)
     args = stage_parser().parse_args(argv)
 
     def body() -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,10 @@ class Perplexity:
     predicted_tokens: int
     predicted_bytes: int
     documents: int
+    # Per scored document, in the held-out file's order: so two models scored on the same documents can be compared
+    # document by document (frankenllama compare's paired error bar on a bits-per-byte difference).
+    document_nll_nats: list[float] = field(default_factory=list)
+    document_bytes: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,16 +82,20 @@ def heldout_perplexity(model, tokenizer, texts: list[str], window: int) -> Perpl
     """
     special = set(tokenizer.all_special_ids)
     nll, tokens, n_bytes, documents = 0.0, 0, 0, 0
+    document_nlls, document_bytes = [], []
     for text in tqdm(texts, desc="perplexity", unit="doc", leave=False):
         ids = tokenizer(text).input_ids
         if len(ids) < 2:
             continue
         doc_nll, doc_tokens = document_nll(model, ids, window)
         unpredicted = 0 if ids[0] in special else len(tokenizer.decode(ids[:1]).encode("utf-8"))
+        doc_bytes = len(text.encode("utf-8")) - unpredicted
         nll += doc_nll
         tokens += doc_tokens
-        n_bytes += len(text.encode("utf-8")) - unpredicted
+        n_bytes += doc_bytes
         documents += 1
+        document_nlls.append(doc_nll)
+        document_bytes.append(doc_bytes)
     if tokens == 0 or n_bytes <= 0:
         raise UserError("the held-out texts are all shorter than two tokens; nothing to score")
     return Perplexity(
@@ -97,4 +105,6 @@ def heldout_perplexity(model, tokenizer, texts: list[str], window: int) -> Perpl
         predicted_tokens=tokens,
         predicted_bytes=n_bytes,
         documents=documents,
+        document_nll_nats=document_nlls,
+        document_bytes=document_bytes,
     )

@@ -94,6 +94,7 @@ def build_report(
     base_label = results[0].entry.label
     report: dict[str, Any] = {
         "run_dir": str(config.run_dir),
+        "seed": config.seed,  # the run seed, so a comparison can pair the repeats of two runs seed by seed
         "exit_code": exit_code,
         "base": base_label,
         "verdicts": {r.entry.label: r.probe.judgement.verdict for r in results},

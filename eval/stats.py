@@ -75,3 +75,26 @@ def grouped_paired_difference(
     if not shared:
         raise ValueError("the two models share no scored groups")
     return combine_equal_weight([paired_difference(groups[name], base_groups[name]) for name in shared])
+
+
+def paired_ratio_difference(
+    numerator: Sequence[float], reference_numerator: Sequence[float], denominator: Sequence[float]
+) -> Estimate:
+    """(sum numerator - sum reference_numerator) / sum denominator over the same units, with its standard error.
+
+    Bits per byte is a ratio of totals (bits over bytes, each document weighing by its length), so a difference of
+    two models' bits per byte on the same documents is this ratio, d_i being a document's bits difference and b_i its
+    bytes. Its standard error is the ratio estimator's linearised one over the documents,
+    sqrt(n/(n-1) * sum (d_i - D b_i)^2) / sum b_i: pairing removes each document's own difficulty, as
+    paired_difference does for benchmark items.
+    """
+    n = len(denominator)
+    if n == 0 or len(numerator) != n or len(reference_numerator) != n:
+        raise ValueError("a paired ratio needs the same units on both sides")
+    total = sum(denominator)
+    differences = [a - b for a, b in zip(numerator, reference_numerator, strict=True)]
+    value = sum(differences) / total
+    if n < 2:
+        return Estimate(value, None, n)
+    residuals = sum((d - value * b) ** 2 for d, b in zip(differences, denominator, strict=True))
+    return Estimate(value, math.sqrt(n / (n - 1) * residuals) / total, n)

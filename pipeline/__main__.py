@@ -1,4 +1,5 @@
-"""`python -m pipeline run|status|doctor CONFIG`: the orchestrator behind scripts/run_all.sh, and its preflight."""
+"""`python -m pipeline run|status|doctor CONFIG [--seeds S,S,...]`: the orchestrator behind scripts/run_all.sh,
+and its preflight."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pipeline.config import load_config
 from pipeline.errors import run_cli
 from pipeline.orchestrate import print_status, run_pipeline
 from pipeline.runs import STAGE_ORDER
+from pipeline.seeds import parse_seeds, print_seed_status, run_seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print each stage's state and where its outputs are")
     status.add_argument("config")
     status.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    for command in (run, status):
+        command.add_argument("--seeds", metavar="S,S,...", help="the run once per seed, in <run_dir>-seed<S> for "
+                             "seeds other than the config's (pipeline/seeds.py says what a seed changes)")
+    doctor.add_argument("--seeds", metavar="S,S,...", help="as for run (so run_all.sh can pass run's arguments); the "
+                        "checks are those of one seed's run")
     return parser
 
 
@@ -53,12 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else None
         if args.command == "status":
-            print_status(load_config(args.config, args.overrides))
+            if seeds is not None:
+                print_seed_status(args.config, args.overrides, seeds)
+            else:
+                print_status(load_config(args.config, args.overrides))
             return 0
         gpus = [f"train.num_gpus={args.num_gpus}"] if args.num_gpus is not None else []
         if args.command == "doctor":
             return run_doctor(args.config, [*args.overrides, *gpus], args.start, args.only, args.force)
+        if seeds is not None:
+            return run_seeds(args.config, [*args.overrides, *gpus], seeds, args.start, args.only, args.force)
         return run_pipeline(args.config, [*args.overrides, *gpus], args.start, args.only, args.force)
 
     return run_cli(body)

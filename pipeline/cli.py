@@ -18,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.__main__ import main as pipeline_main
 
         return pipeline_main(argv)
+    if argv and argv[0] == "compare":  # reads eval reports, so it lives with eval: `python -m eval compare`
+        return subprocess.call([sys.executable, "-m", "eval", *argv])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        print(f"usage: frankenllama {{run,status,doctor,{','.join(STAGES)}}} [arguments]", file=sys.stderr)
+        print(f"usage: frankenllama {{run,status,doctor,compare,{','.join(STAGES)}}} [arguments]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return subprocess.call([sys.executable, "-m", argv[0], *argv[1:]])
 

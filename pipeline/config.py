@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.errors import UserError
 
 FillMode = Literal["readers", "block_diagonal", "block_triangular", "zero"]
+# `none`: no widening. A control run: the train stage trains `surgery.base` itself with the run's train and eval
+# sections, so a graft and its control differ only in the model that is trained.
+SurgeryMode = Literal[FillMode, "none"]
 LayerMap = Literal["index", "proportional"]
 DType = Literal["bfloat16", "float16", "float32"]
 NewLayers = Literal["donor", "copy"]
@@ -44,11 +47,12 @@ class TargetWidths(StrictModel):
 
 
 class SurgeryConfig(StrictModel):
-    """How to widen `base` with the blocks of `donor` (a model reference, or `random`)."""
+    """How to widen `base` with the blocks of `donor` (a model reference, or `random`); mode `none` keeps `base`
+    as it is (a control run)."""
 
     base: str
     donor: str = "random"
-    mode: FillMode = "readers"
+    mode: SurgeryMode = "readers"
     layer_map: LayerMap = "proportional"
     legacy: bool = False
     dtype: DType = "bfloat16"
@@ -78,6 +82,8 @@ class TrainDataConfig(StrictModel):
 
     A source is a local file, folder or glob; a hub dataset id (`org/name`, all its jsonl files) or one
     file pattern in it (`org/name/wikipedia_*.jsonl`); or `python-stdlib-docs`, the bundled sample corpus.
+    `seed` chooses which documents form the slice and the held-out set, and nothing else: the order the blocks
+    are trained in follows the run's `seed`, so runs that differ only in `seed` train on the very same tokens.
     """
 
     sources: list[str] = Field(default_factory=lambda: ["togethercomputer/RedPajama-Data-1T-Sample"], min_length=1)
@@ -246,6 +252,8 @@ class RunConfig(StrictModel):
     """One run: where it writes, and one section per stage."""
 
     run_dir: Path
+    # The run seed: LoRA initialisation, dropout and the order the training blocks are drawn in (not the data slice:
+    # train.data.seed). `python -m pipeline run CONFIG --seeds 0,1,2` repeats a run with other seeds.
     seed: int = 0
     surgery: SurgeryConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -253,6 +261,11 @@ class RunConfig(StrictModel):
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
+
+    @property
+    def is_control(self) -> bool:
+        """A control run (surgery.mode none): nothing is widened and the train stage trains surgery.base itself."""
+        return self.surgery is not None and self.surgery.mode == "none"
 
 
 def section_fingerprint(section: BaseModel | None) -> str:

@@ -16,8 +16,22 @@ from pipeline.errors import UserError
 from pipeline.runs import MANIFEST, STAGE_ORDER, TMP_MARK, read_manifest, stage_fingerprint
 
 
+def skip_reason(config: RunConfig, stage: str) -> str | None:
+    """Why this run has no such stage, or None when it has: a control run or a given train.model widens nothing."""
+    if stage != "surgery":
+        return None
+    if config.train.model is not None:
+        return f"train.model is set, train trains {config.train.model}"
+    if config.is_control:
+        return f"a control run (surgery.mode none), train trains the base {config.surgery.base} itself"
+    return None
+
+
 def stage_state(config: RunConfig, stage: str) -> str:
-    """missing | partial | complete | stale, from the stage folder and its manifest."""
+    """missing | partial | complete | stale, from the stage folder and its manifest; skipped for a stage this run
+    does not have (skip_reason)."""
+    if skip_reason(config, stage):
+        return "skipped"
     folder = config.stage_dir(stage)
     leftovers = list(folder.parent.glob(f"{folder.name}{TMP_MARK}*")) if folder.parent.is_dir() else []
     if not folder.exists():
@@ -43,6 +57,8 @@ def inputs_replaced(config: RunConfig, stage: str, manifest: dict) -> bool:
     an unchanged config. The manifests' own timestamps, not file times, so a copied run folder keeps its state."""
     finished = _finished_at(manifest)
     for upstream in STAGE_ORDER[: STAGE_ORDER.index(stage)]:
+        if skip_reason(config, upstream):
+            continue
         upstream_manifest = read_manifest(config.stage_dir(upstream))
         if upstream_manifest is None:
             continue
@@ -102,6 +118,9 @@ def output_lines(config: RunConfig, stage: str, state: str) -> list[str]:
 def print_status(config: RunConfig) -> None:
     for stage in STAGE_ORDER:
         state = stage_state(config, stage)
+        if state == "skipped":
+            print(f"{stage:8s} {state:9s} {skip_reason(config, stage)}")
+            continue
         print(f"{stage:8s} {state:9s} {config.stage_dir(stage)}")
         for line in output_lines(config, stage, state):
             print(f"{'':18s} {line}")
@@ -141,10 +160,12 @@ def select_stages(start: str | None, only: str | None) -> list[str]:
 
 
 def stages_to_run(config: RunConfig, selected: list[str], force: bool) -> list[str]:
-    """Which selected stages `run_pipeline` will run: the incomplete ones, and every one after a stage that runs."""
+    """Which selected stages `run_pipeline` will run: the incomplete ones, and every one after a stage that runs;
+    never one this run has not got (a control run's surgery)."""
     chosen: list[str] = []
     for stage in selected:
-        if force or chosen or stage_state(config, stage) != "complete":
+        state = stage_state(config, stage)
+        if state != "skipped" and (force or chosen or state != "complete"):
             chosen.append(stage)
     return chosen
 
@@ -156,6 +177,9 @@ def run_pipeline(
     rerun_rest = False
     for stage in select_stages(start, only):
         state = stage_state(config, stage)
+        if state == "skipped":
+            print(f"[frankenllama] {stage}: skipped, {skip_reason(config, stage)}")
+            continue
         if state == "complete" and not (force or rerun_rest):
             failure = recorded_failure(config, stage)
             if failure is not None:

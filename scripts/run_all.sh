@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: `frankenllama doctor` first (stops on a failed check), then surgery -> train -> eval for one run
-# config (default: the embedded CPU smoke run).
-#   scripts/run_all.sh [CONFIG] [--from STAGE] [--only STAGE] [--num-gpus N] [--set dotted.key=value ...]
+# config (default: the embedded CPU smoke run), or for each of several seeds.
+#   scripts/run_all.sh [CONFIG] [--from STAGE] [--only STAGE] [--num-gpus N] [--seeds 0,1,2] [--set dotted.key=value ...]
 #                      [--skip-doctor]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"

@@ -175,6 +175,9 @@ def make_plan(settings: SurgeryConfig, weights: bool = True) -> SurgeryPlan:
 def build_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     run, settings, out = resolve_settings(args)
+    if settings.mode == "none":
+        raise UserError("surgery.mode is none (a control run): there is nothing to widen, the train stage trains "
+                        "surgery.base itself; pick a fill mode to build a widened model")
     if out.exists() and not args.force and not args.dry_run:
         raise UserError(f"output {out} already exists; pass --force to replace it or choose another --out")
     check_alignment_settings(settings.donor == "random", settings.legacy, settings.align, settings.select)

@@ -271,17 +271,23 @@ def test_perplexity_matches_a_direct_computation(stage_run):
     folder = stage_run["models"]["base"]
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    nll, tokens, n_bytes = 0.0, 0, 0
+    nll, tokens, n_bytes, document_nlls, document_bytes = 0.0, 0, 0, [], []
     for text in HELDOUT:
         ids = tokenizer(text).input_ids
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0]
-        nll += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum").item()
+        document_nlls.append(
+            torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum").item())
+        nll += document_nlls[-1]
         tokens += len(ids) - 1
         # SmolLM2's tokenizer adds no BOS, so the first token is never predicted and its bytes do not count.
-        n_bytes += len(text.encode()) - len(tokenizer.decode(ids[:1]).encode())
+        document_bytes.append(len(text.encode()) - len(tokenizer.decode(ids[:1]).encode()))
+        n_bytes += document_bytes[-1]
     reported = stage_run["report"]["perplexity"]["base"]
     assert reported["predicted_tokens"] == tokens and reported["documents"] == 3
+    # Per document too, in the held-out file's order, for comparisons paired over documents.
+    assert reported["document_nll_nats"] == pytest.approx(document_nlls, rel=1e-5)
+    assert reported["document_bytes"] == document_bytes
     assert reported["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
     assert reported["token_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
 

@@ -40,9 +40,11 @@ CHECKPOINT_SETTINGS = {
 
 
 def locate_model(config: RunConfig) -> Path:
-    """`train.model` if set, else the surgery stage's finished output in this run folder."""
+    """`train.model` if set, the base itself in a control run, else the surgery stage's output in this run folder."""
     if config.train.model:
         return resolve_model(config.train.model)
+    if config.is_control:
+        return resolve_model(config.surgery.base)
     surgery_dir = config.stage_dir("surgery")
     manifest = read_manifest(surgery_dir)
     if manifest is None:

@@ -119,7 +119,9 @@ def training_arguments(train: TrainConfig, out_dir: Path, seed: int, device: tor
         bf16=cuda,
         use_cpu=not cuda,
         seed=seed,
-        data_seed=train.data.seed,
+        # The run seed orders the blocks; train.data.seed only chose them (train/data.py), so runs repeated with other
+        # seeds draw the very same tokens in another order.
+        data_seed=seed,
         logging_steps=1,
         logging_nan_inf_filter=False,  # the default hides a NaN loss behind the running average
         save_strategy="steps",
