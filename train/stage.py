@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
 from pipeline.models import resolve_model
-from pipeline.runs import MANIFEST, read_manifest, stage_fingerprint, write_json_atomic, write_manifest
+from pipeline.runs import MANIFEST, atomic_file, read_manifest, stage_fingerprint, write_json_atomic, write_manifest
 from pipeline.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -135,9 +134,8 @@ def why_not_resumable(out_dir: Path, settings: dict[str, Any], max_steps: int) -
 def publish_heldout(source: Path, out_dir: Path) -> Path:
     """Copy the held-out documents next to the stage outputs, where the eval stage looks for them."""
     target = out_dir / HELDOUT
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with atomic_file(target) as tmp:
+        shutil.copyfile(source, tmp)
     return target
 
 

@@ -19,21 +19,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
+from pipeline.config import TrainConfig
 from pipeline.errors import UserError
+from pipeline.runs import write_json_atomic
 from train.world import grad_accum_per_process, world_size
-
-if TYPE_CHECKING:  # only for hints: benchmarks/train_bench.py runs this module without pydantic installed
-    from pipeline.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +174,8 @@ class CheckpointProcesses(TrainerCallback):
 
         PartialState().wait_for_everyone()
         if state.is_world_process_zero:
-            marker = Path(args.output_dir) / f"checkpoint-{state.global_step}" / PROCESSES_FILE
-            # Written whole or not at all; by hand, since pipeline.runs needs pydantic and the benchmark runs here
-            # without it.
-            tmp = marker.with_name(f"{marker.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({"processes": args.world_size}) + "\n")
-            os.replace(tmp, marker)
+            write_json_atomic(Path(args.output_dir) / f"checkpoint-{state.global_step}" / PROCESSES_FILE,
+                              {"processes": args.world_size})
 
 
 def restart_rng(seed: int, step: int, process_index: int) -> int:
