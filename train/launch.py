@@ -20,15 +20,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
+from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 from train.world import LAUNCHER_PID
-
-if TYPE_CHECKING:
-    from pipeline.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from pipeline.config import LoraSettings, TrainConfig
 from pipeline.errors import UserError, error_reason
-
-if TYPE_CHECKING:  # only for hints: benchmarks/train_bench.py runs this module without pydantic installed
-    from pipeline.config import LoraSettings, TrainConfig
 
 log = logging.getLogger(__name__)
 
