@@ -183,7 +183,7 @@ def preflight(config: RunConfig, resume: bool) -> Preflight:
     manifest = read_manifest(out_dir)
     complete = resume and manifest is not None and manifest.get("fingerprint") == fingerprint
     if complete:
-        log.info("train: already complete for this config (%s); pass --no-resume to train again", out_dir)
+        log.info("already complete for this config (%s); pass --no-resume to train again", out_dir)
     return Preflight(model_dir, fingerprint, complete)
 
 
@@ -202,10 +202,10 @@ def prepare_stage_folder(config: RunConfig, model_dir: Path, resume: bool, resta
     corpus = prepare_corpus(train.data, train.seq_len, model_dir, config.run_dir / "data")
     settings = resume_settings(config, model_dir)
     if not resume and out_dir.exists():
-        log.info("train: --no-resume, deleting the previous checkpoints and outputs in %s", out_dir)
+        log.info("--no-resume, deleting the previous checkpoints and outputs in %s", out_dir)
         shutil.rmtree(out_dir)
     elif restart_if_unfit and (reason := why_not_resumable(out_dir, settings, train.max_steps)):
-        log.info("train: starting over in %s: %s", out_dir, reason)
+        log.info("starting over in %s: %s", out_dir, reason)
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_resume_settings(out_dir, settings)
@@ -326,5 +326,5 @@ def run_train(config: RunConfig, resume: bool = True, restart_if_unfit: bool = F
         log_history=LOG_HISTORY,
         wandb_run_id=wandb_run_id,
     )
-    log.info("train: done after %d steps; merged model in %s", steps, out_dir / "merged")
+    log.info("done after %d steps; merged model in %s", steps, out_dir / "merged")
     return out_dir

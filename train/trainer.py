@@ -88,7 +88,7 @@ def remove_incomplete_checkpoints(out_dir: Path) -> None:
     """Delete checkpoints torn by a killed run, so neither resumption nor rotation ever picks one up."""
     for path in checkpoints(out_dir):
         if not is_complete_checkpoint(path):
-            log.info("train: removing incomplete %s left by an interrupted run", path)
+            log.info("removing incomplete %s left by an interrupted run", path)
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -215,7 +215,7 @@ class QLoRATrainer(Trainer):
             return
         seed = restart_rng(self.args.seed, self.state.global_step, self.args.process_index)
         if self.args.should_save:
-            log.info("train: %s was written by %d process(es) and resumes on %d; each process restarts its random "
+            log.info("%s was written by %d process(es) and resumes on %d; each process restarts its random "
                      "streams (dropout) from a seed of (seed, step, process) (%d for this one)", checkpoint,
                      written_by, self.args.world_size, seed)
 
@@ -251,7 +251,7 @@ def build_trainer(model, dataset, train: TrainConfig, out_dir: Path, seed: int, 
 def run_training(trainer: QLoRATrainer, resume_from: Path | None, out_dir: Path) -> None:
     """Train to max_steps (from `resume_from` if given); a non-finite loss ends in a one-line error."""
     if resume_from is not None:
-        log.info("train: resuming from %s", resume_from)
+        log.info("resuming from %s", resume_from)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if trainer.non_finite_step is not None:
         last = newest_complete_checkpoint(out_dir)
