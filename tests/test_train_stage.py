@@ -4,8 +4,10 @@ the same losses and wandb run id, and bad input fails with one line before any w
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +22,9 @@ from conftest import (
 )
 
 from pipeline.config import load_config
-from pipeline.runs import read_manifest, stage_fingerprint
+from pipeline.runs import read_manifest, stage_fingerprint, write_manifest
 from train.cli import main as train_main
+from train.data import BUNDLED_SOURCES
 from train.trainer import newest_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +32,9 @@ MAX_STEPS = 24
 SAVE_STEPS = 4
 
 
-def stage_config(run_dir: Path, model_dir: Path, **train_overrides) -> dict:
+def stage_config(run_dir: Path, model_dir: Path | None, **train_overrides) -> dict:
     train = {
-        "model": str(model_dir),
+        "model": str(model_dir) if model_dir else None,
         "max_steps": MAX_STEPS,
         "save_steps": SAVE_STEPS,
         "seq_len": 64,
@@ -112,9 +115,26 @@ def test_tiny_model_trains_its_loss_falls_and_the_stage_exports(finished_run, ti
     assert len(run_folders) == 1 and list(run_folders[0].glob("*.wandb"))
 
 
-def test_sigkilled_run_resumes_with_the_same_losses_and_wandb_run(tmp_path, tiny_model, finished_run):
-    config = write_config(tmp_path / "config.yaml", stage_config(tmp_path / "run", tiny_model))
-    train_dir = tmp_path / "run" / "train"
+def carried_run(box: Path, model_dir: Path | None = None) -> Path:
+    """The config of a run in `box`: its model is the finished surgery output inside the run folder, its data a
+    local file beside it (the bundled corpus's bytes, so its slice is the uninterrupted run's). With `model_dir`
+    the box is set up first; without, the box was carried here and only its config is rewritten for the new paths.
+    """
+    data = box / "corpus.jsonl.gz"
+    if model_dir is not None:
+        surgery_dir = box / "run" / "surgery"
+        shutil.copytree(model_dir, surgery_dir)
+        write_manifest(surgery_dir, "surgery", fingerprint="made-by-hand")
+        shutil.copyfile(BUNDLED_SOURCES["python-stdlib-docs"], data)
+    config = stage_config(box / "run", None)
+    config["train"]["data"]["sources"] = [str(data)]
+    return write_config(box / "config.yaml", config)
+
+
+def test_a_sigkilled_run_moved_or_copied_elsewhere_resumes_with_the_same_losses(tmp_path, tiny_model, finished_run,
+                                                                                capsys):
+    config = carried_run(tmp_path / "box-a", tiny_model)
+    train_dir = tmp_path / "box-a" / "run" / "train"
     # The killed run aims far past MAX_STEPS so it cannot finish before the kill; with no warmup its schedule
     # is the same constant one.
     process = run_stage(config, "--set", "train.max_steps=100000", stdout=subprocess.DEVNULL,
@@ -125,18 +145,36 @@ def test_sigkilled_run_resumes_with_the_same_losses_and_wandb_run(tmp_path, tiny
     assert read_manifest(train_dir) is None
     run_id = (train_dir / "wandb_run_id").read_text().strip()
 
-    resumed = run_stage(config, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, output[-3000:]
-    assert f"resuming from {killed_at}" in output
+    # One copy with fresh mtimes everywhere (cp -r without -p), then the original moved (its mtimes kept).
+    shutil.copytree(tmp_path / "box-a", tmp_path / "copied", copy_function=shutil.copyfile)
+    (tmp_path / "box-a").rename(tmp_path / "moved")
+    copied, moved = carried_run(tmp_path / "copied"), carried_run(tmp_path / "moved")
+    data = tmp_path / "copied" / "corpus.jsonl.gz"
+    assert data.stat().st_mtime_ns != (tmp_path / "moved" / "corpus.jsonl.gz").stat().st_mtime_ns
 
-    expected, got = losses(finished_run[1]), losses(train_dir)
-    assert sorted(got) == sorted(expected)
-    for step, loss in expected.items():
-        assert got[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
-    assert (train_dir / "wandb_run_id").read_text().strip() == run_id
-    assert read_manifest(train_dir)["wandb_run_id"] == run_id
-    assert len(list((train_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # one folder per process
+    with gzip.open(BUNDLED_SOURCES["python-stdlib-docs"], "rt", encoding="utf-8") as handle:
+        documents = handle.readlines()
+    with gzip.open(data, "wt", encoding="utf-8") as handle:  # really changed: one document less
+        handle.writelines(documents[1:])
+    assert train_main(["--config", str(copied)]) == 2
+    refused = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "changed: data_slice" in refused and "--no-resume" in refused, refused
+    shutil.copyfile(BUNDLED_SOURCES["python-stdlib-docs"], data)  # the same bytes again, another mtime
+
+    expected = losses(finished_run[1])
+    for config in (copied, moved):
+        resumed = run_stage(config, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output, _ = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, output[-3000:]
+        train_dir = config.parent / "run" / "train"
+        assert f"resuming from {train_dir / killed_at.name}" in output
+        got = losses(train_dir)
+        assert sorted(got) == sorted(expected)
+        for step, loss in expected.items():
+            assert got[step] == pytest.approx(loss, rel=1e-4), f"{config.parent.name}: step {step}"
+        assert (train_dir / "wandb_run_id").read_text().strip() == run_id
+        assert read_manifest(train_dir)["wandb_run_id"] == run_id
+        assert len(list((train_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # one folder per process
 
 
 def test_complete_stage_is_not_retrained_and_changed_settings_do_not_resume(finished_run, capsys):

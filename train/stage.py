@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, TrainConfig
 from pipeline.errors import UserError
 from pipeline.models import resolve_model
 from pipeline.runs import MANIFEST, atomic_file, read_manifest, stage_fingerprint, write_json_atomic, write_manifest
@@ -31,10 +31,11 @@ RESUME_SETTINGS = "resume_settings.json"
 HELDOUT = "heldout.jsonl"
 LOG_HISTORY = "log_history.json"
 # The train settings a checkpoint's weights, optimizer state and data position depend on; the others (max_steps,
-# save_steps, wandb, ...) may change between a run and its resumption.
+# save_steps, wandb, ...) may change between a run and its resumption. The model and the data sources count too,
+# by what they are rather than by their paths (resume_settings).
 CHECKPOINT_SETTINGS = {
-    "model", "seq_len", "data", "quantization", "lora", "optimizer", "learning_rate", "warmup_ratio",
-    "batch_size", "grad_accum", "max_grad_norm",
+    "seq_len", "data", "quantization", "lora", "optimizer", "learning_rate", "warmup_ratio", "batch_size",
+    "grad_accum", "max_grad_norm",
 }
 
 
@@ -77,22 +78,46 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def model_identity(config: RunConfig, model_dir: Path) -> str:
+    """The base model as the checkpoints know it, in terms that survive moving or copying the run folder.
+
+    A model inside the run folder (the surgery output) is its path relative to the folder; any other is the
+    reference as configured in train.model, a hub snapshot also with its commit, so a changed upstream model is
+    still a changed model. Never an absolute path.
+    """
+    inside, run_dir = model_dir.absolute(), config.run_dir.absolute()
+    if inside.is_relative_to(run_dir):
+        return f"<run_dir>/{inside.relative_to(run_dir).as_posix()}"
+    reference = config.train.model or str(inside)
+    return f"{reference}@{model_dir.name}" if model_dir.parent.name == "snapshots" else reference
+
+
 def resume_settings(config: RunConfig, model_dir: Path) -> dict[str, Any]:
-    """What checkpoints depend on: CHECKPOINT_SETTINGS of the train section, the seed, the base model, and the
-    data slice's key (which also changes when a local source file or the tokenizer changes)."""
+    """What checkpoints depend on: CHECKPOINT_SETTINGS of the train section, the seed, the base model (what it is,
+    and its manifest's fingerprint), and the data slice's key (which also changes when the bytes of a local source
+    file or the tokenizer change). Nothing in it is an absolute path or a file time."""
     from train.data import slice_key
 
     base = read_manifest(model_dir) or {}
     return {
         "seed": config.seed,
-        "model": str(model_dir.resolve()),
+        "model": model_identity(config, model_dir),
         "model_fingerprint": base.get("fingerprint"),
         "data_slice": slice_key(config.train.data, config.train.seq_len, model_dir),
-        # FSDP checkpoints hold sharded weights and optimizer state that a DDP or single process cannot read; the key
-        # exists only then, so the settings recorded by runs that predate it still match.
-        "train": {**config.train.model_dump(mode="json", include=CHECKPOINT_SETTINGS),
-                  **({"distributed": "fsdp"} if config.train.distributed == "fsdp" else {})},
+        "train": checkpoint_train_settings(config.train),
     }
+
+
+def checkpoint_train_settings(train: TrainConfig) -> dict[str, Any]:
+    """CHECKPOINT_SETTINGS of the train section, less the data sources: paths, which change when the data moves with
+    the run folder; the data slice's key stands for their bytes."""
+    settings = train.model_dump(mode="json", include=CHECKPOINT_SETTINGS)
+    del settings["data"]["sources"]
+    if train.distributed == "fsdp":
+        # FSDP checkpoints hold sharded weights and optimizer state that a DDP or single process cannot read; the
+        # key exists only then, so the settings recorded by runs that predate it still match.
+        settings["distributed"] = "fsdp"
+    return settings
 
 
 def changed_resume_settings(out_dir: Path, settings: dict[str, Any]) -> list[str]:
