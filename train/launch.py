@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
+from pipeline.runs import atomic_file
 from train.world import LAUNCHER_PID
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ def launch_workers(train: TrainConfig, out_dir: Path, stage_args: list[str], cud
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     config_file = out_dir / ACCELERATE_CONFIG
-    config_file.write_text(yaml.safe_dump(accelerate_config(train), sort_keys=True))
+    with atomic_file(config_file) as tmp:
+        tmp.write_text(yaml.safe_dump(accelerate_config(train), sort_keys=True))
     log.info("starting %d %s processes (%s) with accelerate launch --config_file %s", train.num_gpus,
              "GPU" if cuda else "CPU", train.distributed, config_file)
     args = launch_command_parser().parse_args(
