@@ -136,6 +136,7 @@ def stage_settings(seq_len: int, max_steps: int, optimizer: str, batch_size: int
         max_steps=max_steps, save_steps=10**9, save_total_limit=2, seq_len=seq_len, batch_size=batch_size,
         grad_accum=gpus, recipe="fast", num_gpus=gpus, distributed="ddp",
         learning_rate=1e-4, warmup_ratio=0.03, max_grad_norm=0.3, optimizer=optimizer, gradient_checkpointing=True,
+        eval_steps=None,  # no held-out evaluation: the cells time training steps only
         data=SimpleNamespace(seed=0),
         lora=SimpleNamespace(r=64, alpha=16, dropout=0.05, target_modules=TARGETS),
     )

@@ -117,6 +117,12 @@ class TrainConfig(StrictModel):
     # and fused cross-entropy on CUDA (train/fast_recipe.py); plain: peft's prepare_model_for_kbit_training.
     recipe: Literal["fast", "plain"] = "fast"
     max_shard_size: str = "5GB"  # shards of the merged export
+    # The held-out loss and bits per byte (train/heldout.py), logged to log_history.json and wandb as heldout_loss
+    # and heldout_bits_per_byte with tokens_seen: at the start, every eval_steps steps and at the end, on the first
+    # eval_blocks seq_len-token windows of the held-out documents (at the 22b's seq 2048, 16 windows are 33k
+    # tokens: forward passes only, a fraction of one optimizer step). None: off.
+    eval_steps: int | None = Field(default=50, gt=0)
+    eval_blocks: int = Field(default=16, gt=0)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     # How many processes (one per GPU) train, and how they split the work: ddp = a full 4-bit copy per GPU, fsdp =

@@ -30,6 +30,7 @@ from train.trainer import newest_complete_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 24
 SAVE_STEPS = 4
+EVAL_STEPS = 8
 
 
 def stage_config(run_dir: Path, model_dir: Path | None, **train_overrides) -> dict:
@@ -44,6 +45,8 @@ def stage_config(run_dir: Path, model_dir: Path | None, **train_overrides) -> di
         "warmup_ratio": 0.0,  # so a run started with a larger max_steps follows the same schedule
         "data": {"sources": ["python-stdlib-docs"], "tokens": 1500, "heldout_fraction": 0.1},
         "lora": {"r": 8, "alpha": 16},
+        "eval_steps": EVAL_STEPS,
+        "eval_blocks": 3,
         "wandb": {"mode": "offline"},
     }
     train.update(train_overrides)
@@ -64,6 +67,11 @@ def run_stage(config: Path, *args: str, **popen) -> subprocess.Popen:
 def losses(train_dir: Path) -> dict[int, float]:
     history = json.loads((train_dir / "log_history.json").read_text())
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def heldout_losses(train_dir: Path) -> dict[int, dict]:
+    history = json.loads((train_dir / "log_history.json").read_text())
+    return {entry["step"]: entry for entry in history if "heldout_loss" in entry}
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +111,13 @@ def test_tiny_model_trains_its_loss_falls_and_the_stage_exports(finished_run, ti
     heldout = [json.loads(line) for line in (train_dir / "heldout.jsonl").read_text().splitlines()]
     assert heldout and all(set(record) == {"text"} and record["text"] for record in heldout)
     assert_merged_export_differs_from_base(train_dir, tiny_model)
+
+    evaluated = heldout_losses(train_dir)
+    assert sorted(evaluated) == list(range(0, MAX_STEPS + 1, EVAL_STEPS))  # at the start, every 8 steps, the end
+    assert all(entry["tokens_seen"] == step * tokens_per_step for step, entry in evaluated.items())
+    assert evaluated[MAX_STEPS]["heldout_loss"] < evaluated[0]["heldout_loss"] - 0.5
+    assert len({entry["heldout_tokens"] for entry in evaluated.values()}) == 1  # one fixed set
+
     checkpoints = sorted(p.name for p in train_dir.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-16", "checkpoint-20", "checkpoint-24"]  # save_total_limit 3
 
@@ -172,6 +187,10 @@ def test_a_sigkilled_run_moved_or_copied_elsewhere_resumes_with_the_same_losses(
         assert sorted(got) == sorted(expected)
         for step, loss in expected.items():
             assert got[step] == pytest.approx(loss, rel=1e-4), f"{config.parent.name}: step {step}"
+        expected_heldout, got_heldout = heldout_losses(finished_run[1]), heldout_losses(train_dir)
+        assert sorted(got_heldout) == sorted(expected_heldout)
+        for step, entry in expected_heldout.items():
+            assert got_heldout[step]["heldout_loss"] == pytest.approx(entry["heldout_loss"], rel=1e-4), step
         assert (train_dir / "wandb_run_id").read_text().strip() == run_id
         assert read_manifest(train_dir)["wandb_run_id"] == run_id
         assert len(list((train_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # one folder per process

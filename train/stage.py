@@ -164,15 +164,28 @@ def publish_heldout(source: Path, out_dir: Path) -> Path:
     return target
 
 
-def start_watchdog(train, model_dir: Path, out_dir: Path):
+def start_watchdog(train: TrainConfig, tokenizer, out_dir: Path):
     """pipeline.watchdog's greedy-sample check as a Trainer callback, when `train.watchdog.enabled`."""
     if not train.watchdog.enabled:
         return None
-    from transformers import AutoTokenizer
-
     from pipeline.watchdog import DegenerationWatchdog
 
-    return DegenerationWatchdog.from_config(train.watchdog, AutoTokenizer.from_pretrained(model_dir), out_dir)
+    return DegenerationWatchdog.from_config(train.watchdog, tokenizer, out_dir)
+
+
+def heldout_set(train: TrainConfig, tokenizer, heldout_path: Path):
+    """The fixed held-out windows the loss is evaluated on during training; None when train.eval_steps is off."""
+    if train.eval_steps is None:
+        return None
+    from train.heldout import heldout_windows, read_texts
+
+    heldout = heldout_windows(read_texts(heldout_path), tokenizer, train.seq_len, train.eval_blocks)
+    if not heldout.windows:
+        raise UserError(f"the held-out documents in {heldout_path} are all shorter than two tokens; raise "
+                        "train.data.heldout_fraction, or set train.eval_steps to null to train without held-out loss")
+    log.info("held-out loss every %d steps on %d window(s) of %d tokens: %d documents, %s predicted tokens",
+             train.eval_steps, len(heldout.windows), train.seq_len, len(heldout.texts), f"{heldout.predicted_tokens:,}")
+    return heldout
 
 
 def last_loss(log_history: list[dict[str, Any]]) -> float | None:
@@ -279,7 +292,7 @@ def run_train(config: RunConfig, resume: bool = True, restart_if_unfit: bool = F
 
     # Heavy imports only now: bad input above fails in a second, and the data/model modules need torch & co.
     import torch
-    from transformers import set_seed
+    from transformers import AutoTokenizer, set_seed
 
     from train.data import prepare_corpus
     from train.export import merge_adapter, save_adapter
@@ -308,9 +321,11 @@ def run_train(config: RunConfig, resume: bool = True, restart_if_unfit: bool = F
         resume_from = newest_complete_checkpoint(out_dir) if resume else None
         callbacks = [FsdpAdapterCheckpoints(resume_from)] if train.distributed == "fsdp" else []
         callbacks += [WandbLogging(run)] if run else []
-        watchdog = start_watchdog(train, model_dir, out_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        watchdog = start_watchdog(train, tokenizer, out_dir)
         callbacks += [watchdog] if watchdog else []
-        trainer = build_trainer(model, corpus.dataset(), train, out_dir, config.seed, device, callbacks)
+        trainer = build_trainer(model, corpus.dataset(), train, out_dir, config.seed, device, callbacks,
+                                heldout_set(train, tokenizer, corpus.heldout_path))
         run_training(trainer, resume_from, out_dir)
         if watchdog is not None and watchdog.tripped is not None:
             raise UserError(

@@ -31,6 +31,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 from pipeline.runs import write_json_atomic
+from train.heldout import HeldoutMetrics, HeldoutWindows, window_sums
 from train.world import grad_accum_per_process, world_size
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def optimizer_name(setting: str, device: torch.device) -> str:
 
 def training_arguments(train: TrainConfig, out_dir: Path, seed: int, device: torch.device) -> TrainingArguments:
     cuda = device.type == "cuda"
+    evaluates = train.eval_steps is not None
     return TrainingArguments(
         output_dir=str(out_dir),
         max_steps=train.max_steps,
@@ -123,6 +125,11 @@ def training_arguments(train: TrainConfig, out_dir: Path, seed: int, device: tor
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
+        # The held-out loss (train/heldout.py) every eval_steps and at the last step; at step 0 too, unless resuming
+        # (run_training), so a resumed run never logs a step twice.
+        eval_strategy="steps" if evaluates else "no",
+        eval_steps=train.eval_steps,
+        per_device_eval_batch_size=train.batch_size,
         remove_unused_columns=False,
         dataloader_pin_memory=cuda,
         report_to="none",  # wandb is driven by WandbLogging, so the run id and config stay ours
@@ -138,6 +145,9 @@ class ThroughputMeter(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._mark = (time.perf_counter(), state.global_step)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._mark = (time.perf_counter(), state.global_step)  # the held-out evaluation is not training time
 
     def tokens_per_second(self, global_step: int) -> float | None:
         if self._mark is None:
@@ -186,7 +196,8 @@ def restart_rng(seed: int, step: int, process_index: int) -> int:
 
 
 class QLoRATrainer(Trainer):
-    """The HF Trainer plus throughput, tokens seen and memory in each log, and a clean stop on a non-finite loss.
+    """The HF Trainer plus throughput, tokens seen and memory in each log, the held-out loss under the names
+    `frankenllama compare` reads, and a clean stop on a non-finite loss.
 
     Tokens seen are steps x the global batch's tokens (every block is full). The Trainer's own counter
     (include_num_input_tokens_seen) gathers a count from every process and reads it on the host before each
@@ -219,8 +230,25 @@ class QLoRATrainer(Trainer):
                      "streams (dropout) from a seed of (seed, step, process) (%d for this one)", checkpoint,
                      written_by, self.args.world_size, seed)
 
+    def heldout_entry(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The evaluation loop's metrics as one log entry: heldout_loss, heldout_bits_per_byte and tokens_seen (the
+        keys `frankenllama compare` reads). The loop's own eval_loss, a mean of per-batch means, is left out: with
+        padded windows it is not the per-token loss."""
+        entry = {
+            "heldout_loss": metrics["eval_heldout_loss"],
+            "heldout_bits_per_byte": metrics["eval_heldout_bits_per_byte"],
+            "heldout_tokens": metrics["eval_heldout_tokens"],
+            "heldout_seconds": metrics.get("eval_runtime"),
+            "tokens_seen": self.state.global_step * self.tokens_per_step,
+        }
+        log.info("held-out loss %.4f nats/token, %.4f bits/byte at step %d (%s tokens seen)", entry["heldout_loss"],
+                 entry["heldout_bits_per_byte"], self.state.global_step, f"{entry['tokens_seen']:,}")
+        return entry
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
+        if "eval_heldout_loss" in logs:
+            logs = self.heldout_entry(logs)
+        elif "loss" in logs:
             speed = self.throughput.tokens_per_second(self.state.global_step)
             if speed is not None:
                 logs["tokens_per_second"] = round(speed, 2)
@@ -237,11 +265,19 @@ class QLoRATrainer(Trainer):
 
 
 def build_trainer(model, dataset, train: TrainConfig, out_dir: Path, seed: int, device: torch.device,
-                  callbacks: list[TrainerCallback] | None = None) -> QLoRATrainer:
+                  callbacks: list[TrainerCallback] | None = None,
+                  heldout: HeldoutWindows | None = None) -> QLoRATrainer:
+    """The stage's Trainer; `heldout` is required when train.eval_steps is set (the held-out loss is evaluated)."""
+    if train.eval_steps is not None and heldout is None:
+        raise ValueError("train.eval_steps is set but no held-out windows were given")
+    evaluates = train.eval_steps is not None
     return QLoRATrainer(
         model=model,
         args=training_arguments(train, out_dir, seed, device),
         train_dataset=dataset,
+        eval_dataset=heldout.windows if evaluates else None,
+        compute_metrics=HeldoutMetrics(heldout) if evaluates else None,
+        preprocess_logits_for_metrics=window_sums if evaluates else None,
         data_collator=default_data_collator,
         tokens_per_step=train.batch_size * train.grad_accum * train.seq_len,
         callbacks=callbacks or [],
@@ -250,6 +286,7 @@ def build_trainer(model, dataset, train: TrainConfig, out_dir: Path, seed: int, 
 
 def run_training(trainer: QLoRATrainer, resume_from: Path | None, out_dir: Path) -> None:
     """Train to max_steps (from `resume_from` if given); a non-finite loss ends in a one-line error."""
+    trainer.args.eval_on_start = resume_from is None and trainer.args.eval_strategy != "no"
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
