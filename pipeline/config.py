@@ -19,6 +19,7 @@ from pipeline.errors import UserError
 FillMode = Literal["readers", "block_diagonal", "block_triangular", "zero"]
 LayerMap = Literal["index", "proportional"]
 DType = Literal["bfloat16", "float16", "float32"]
+MergeInto = Literal["dequantized_nf4", "base"]
 
 
 class StrictModel(BaseModel):
@@ -117,6 +118,10 @@ class TrainConfig(StrictModel):
     # and fused cross-entropy on CUDA (train/fast_recipe.py); plain: peft's prepare_model_for_kbit_training.
     recipe: Literal["fast", "plain"] = "fast"
     max_shard_size: str = "5GB"  # shards of the merged export
+    # What the merged export adds the adapter to (train/export.py): the NF4 weights training saw, each quantized as
+    # loading does and dequantized (closer to the trained model: benchmarks/RESULTS.md, Export fidelity), or the
+    # stored base weights. With quantization none both are the stored weights.
+    merge: MergeInto = "dequantized_nf4"
     # The held-out loss and bits per byte (train/heldout.py), logged to log_history.json and wandb as heldout_loss
     # and heldout_bits_per_byte with tokens_seen: at the start, every eval_steps steps and at the end, on the first
     # eval_blocks seq_len-token windows of the held-out documents (at the 22b's seq 2048, 16 windows are 33k

@@ -165,11 +165,21 @@ def main() -> int:
 
         from pipeline.checkpoint import CheckpointReader
 
-        # An export of the untouched base would still load and generate: the trained weights must differ from it.
+        # An export of the untouched base would still load and generate: the trained weights must differ from the
+        # weights the merge started from (for a merge into the dequantized NF4 weights, those: they differ from the
+        # stored ones even with an empty adapter).
+        from train.model import nf4_round_trip
+
         base, exported = CheckpointReader(Path(manifest["model"])), CheckpointReader(train_dir / "merged")
         adapted = [name for name in base.names if name.endswith("q_proj.weight")]
-        checks["merged weights differ from the base"] = bool(adapted) and all(
-            not torch.equal(base.get(name), exported.get(name)) for name in adapted
+        dequantized = manifest.get("merge", {}).get("into") == "dequantized_nf4"
+
+        def start(name: str) -> torch.Tensor:
+            weight = base.get(name)
+            return nf4_round_trip(weight, torch.device("cuda")).to("cpu", weight.dtype) if dequantized else weight
+
+        checks["merged weights differ from the weights the merge started from"] = bool(adapted) and all(
+            not torch.equal(start(name), exported.get(name)) for name in adapted
         )
 
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import (
     assert_merged_export_differs_from_base,
@@ -111,6 +112,7 @@ def test_tiny_model_trains_its_loss_falls_and_the_stage_exports(finished_run, ti
     heldout = [json.loads(line) for line in (train_dir / "heldout.jsonl").read_text().splitlines()]
     assert heldout and all(set(record) == {"text"} and record["text"] for record in heldout)
     assert_merged_export_differs_from_base(train_dir, tiny_model)
+    assert manifest["merge"]["into"] == "dequantized_nf4" and manifest["merge"]["adapted_tensors"] == 2 * 7
 
     evaluated = heldout_losses(train_dir)
     assert sorted(evaluated) == list(range(0, MAX_STEPS + 1, EVAL_STEPS))  # at the start, every 8 steps, the end
@@ -128,6 +130,26 @@ def test_tiny_model_trains_its_loss_falls_and_the_stage_exports(finished_run, ti
     assert manifest["wandb_run_id"] == run_id
     run_folders = list((train_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(run_folders) == 1 and list(run_folders[0].glob("*.wandb"))
+
+
+def test_the_last_held_out_loss_is_what_the_eval_stage_measures_on_the_merged_model(finished_run):
+    """The same documents scored by eval's perplexity (its own windows and byte count) on the exported model: the
+    numbers training logged, since the dequantized-NF4 merge computes what was trained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.perplexity import heldout_perplexity
+    from train.heldout import heldout_windows, read_texts
+
+    config, train_dir = finished_run
+    train = load_config(config).train
+    tokenizer = AutoTokenizer.from_pretrained(train_dir / "merged")
+    texts = heldout_windows(read_texts(train_dir / "heldout.jsonl"), tokenizer, train.seq_len, train.eval_blocks).texts
+    merged = AutoModelForCausalLM.from_pretrained(train_dir / "merged", dtype=torch.float32)
+    measured = heldout_perplexity(merged, tokenizer, texts, window=train.seq_len - 1)
+    logged = heldout_losses(train_dir)[MAX_STEPS]
+    assert logged["heldout_tokens"] == measured.predicted_tokens
+    assert logged["heldout_bits_per_byte"] == pytest.approx(measured.bits_per_byte, rel=1e-4)
+    assert logged["heldout_loss"] == pytest.approx(measured.nll_nats / measured.predicted_tokens, rel=1e-4)
 
 
 def carried_run(box: Path, model_dir: Path | None = None) -> Path:

@@ -12,6 +12,7 @@ setting: checkpoints resume on any number of them.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -340,9 +341,11 @@ def run_train(config: RunConfig, resume: bool = True, restart_if_unfit: bool = F
         write_json_atomic(out_dir / LOG_HISTORY, history)
         save_adapter(model, out_dir / "adapter", adapter_state)
         del trainer, model, adapter_state
+        gc.collect()  # the Trainer and its Accelerator hold the model in reference cycles
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        merge_adapter(model_dir, out_dir / "adapter", out_dir / "merged", train.max_shard_size)
+        into = train.merge if train.quantization == "nf4" else "base"  # unquantized training saw the stored weights
+        merge = merge_adapter(model_dir, out_dir / "adapter", out_dir / "merged", train.max_shard_size, into, device)
         exit_code = 0
     finally:
         if run is not None:
@@ -363,6 +366,7 @@ def run_train(config: RunConfig, resume: bool = True, restart_if_unfit: bool = F
         heldout=HELDOUT,
         adapter="adapter",
         merged="merged",
+        merge=merge,
         log_history=LOG_HISTORY,
         wandb_run_id=wandb_run_id,
     )
