@@ -210,7 +210,8 @@ def stage_train_config(cell: Cell, steps: int, lora_r: int):
 
     raw = {"run_dir": "unused", "train": {"max_steps": steps, "save_steps": steps + 1, "seq_len": cell.seq,
                                           "batch_size": cell.batch, "grad_accum": cell.gpus, "num_gpus": cell.gpus,
-                                          "lora": {"r": lora_r}}}
+                                          "lora": {"r": lora_r},
+                                          "eval_steps": None}}  # no held-out evaluation: the cells time training
     for assignment in cell.sets:
         if not assignment.startswith("train."):
             raise UserError(f"--variant {cell.variant}: {assignment!r} is not a train.* setting")

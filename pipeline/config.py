@@ -27,6 +27,7 @@ NewLayers = Literal["donor", "copy"]
 AlignMethod = Literal["none", "permutation", "rotation"]
 # Which donor heads and neurons land in the grafted positions: by index, or those with the largest output.
 UnitSelection = Literal["index", "output"]
+MergeInto = Literal["dequantized_nf4", "base"]
 
 
 class StrictModel(BaseModel):
@@ -150,6 +151,16 @@ class TrainConfig(StrictModel):
     # Like num_gpus below, the levers change how fast the stage runs, not what it computes: kept out of fingerprints.
     fast: FastRecipeConfig = Field(default_factory=FastRecipeConfig, exclude=True)
     max_shard_size: str = "5GB"  # shards of the merged export
+    # What the merged export adds the adapter to (train/export.py): the NF4 weights training saw, each quantized as
+    # loading does and dequantized (closer to the trained model: benchmarks/RESULTS.md, Export fidelity), or the
+    # stored base weights. With quantization none both are the stored weights.
+    merge: MergeInto = "dequantized_nf4"
+    # The held-out loss and bits per byte (train/heldout.py), logged to log_history.json and wandb as heldout_loss
+    # and heldout_bits_per_byte with tokens_seen: at the start, every eval_steps steps and at the end, on the first
+    # eval_blocks seq_len-token windows of the held-out documents (at the 22b's seq 2048, 16 windows are 33k
+    # tokens: forward passes only, a fraction of one optimizer step). None: off.
+    eval_steps: int | None = Field(default=50, gt=0)
+    eval_blocks: int = Field(default=16, gt=0)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     # How many processes (one per GPU) train, and how they split the work: ddp = a full 4-bit copy per GPU, fsdp =

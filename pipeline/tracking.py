@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from pipeline.config import WandbConfig
 from pipeline.errors import UserError, error_reason
+from pipeline.runs import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,8 @@ def persistent_run_id(stage_folder: Path) -> str:
         return path.read_text().strip()
     run_id = secrets.token_hex(6)  # wandb ids are short [a-z0-9] strings
     stage_folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(run_id + "\n")
     return run_id
 
 

@@ -2,12 +2,20 @@
 
 The 2023 A=0 model trained to a beautiful loss curve and then emitted one token forever; loss does not show
 it, samples do. Every `every_steps` optimizer steps this generates greedily from a few probe prompts, scores
-the outputs with pipeline.degeneration against the outputs of the same prompts when training (re)started,
-and logs samples and scores to `<output_dir>/watchdog.jsonl` (and a wandb table when a wandb run is active).
-On DEGENERATE with `stop_on_degenerate`, it asks the Trainer to save a checkpoint and stop.
+the outputs with pipeline.degeneration against the *reference*, and logs samples and scores to
+`<output_dir>/watchdog.jsonl` (and a wandb table when a wandb run is active). On DEGENERATE with
+`stop_on_degenerate`, it asks the Trainer to save a checkpoint and stop.
+
+The reference is the model as the run started: the first probe of a run is written to watchdog.jsonl marked
+`"reference": true`, and every later judgement, across any number of resumes, is against it. A resumed run
+probes once more as it starts and judges that against the stored reference, so a run that crashed while it
+was degenerating is caught at once; a partly trained model never becomes its own reference. Only a run without
+a stored reference for the same prompts and output length (the watchdog was off, or its settings changed)
+probes a new one.
 
 A model already degenerate when training starts is judged on absolute thresholds and stopped at the first
-step: training it further is the waste this exists to prevent.
+step: training it further is the waste this exists to prevent. Measured against such a reference nothing
+would look worse, so a degenerate reference keeps every later judgement absolute.
 """
 
 from __future__ import annotations
@@ -61,8 +69,10 @@ class DegenerationWatchdog(TrainerCallback):
         self.stop_on_degenerate = stop_on_degenerate
         self.log_path = Path(output_dir) / LOG_NAME
         self.reference: list[OutputSignals] | None = None
+        self.reference_step: int | None = None
+        self._reference_degenerate = False
         self.tripped: Judgement | None = None
-        self._degenerate_at_start: Judgement | None = None
+        self._degenerate_on_start: Judgement | None = None
 
     @classmethod
     def from_config(cls, config: WatchdogConfig, tokenizer, output_dir: Path | str) -> DegenerationWatchdog:
@@ -89,10 +99,33 @@ class DegenerationWatchdog(TrainerCallback):
             if was_training:
                 model.train()
 
-    def _record(self, state, step: int, samples: list[ProbeSample], judgement: Judgement) -> None:
+    def _stored_reference(self) -> tuple[int, list[OutputSignals]] | None:
+        """(step, signals) of the first reference record in watchdog.jsonl made with this watchdog's prompts and
+        output length; None if there is none. Unreadable lines (a write torn by a kill) are skipped."""
+        if not self.log_path.is_file():
+            return None
+        prompt_ids = [p.id for p in self.prompts]
+        for line in self.log_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                if (record.get("reference") and record.get("max_new_tokens") == self.max_new_tokens
+                        and [s["prompt_id"] for s in record["samples"]] == prompt_ids):
+                    return record["step"], [OutputSignals(**s["signals"]) for s in record["samples"]]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        return None
+
+    def _judge(self, samples: list[ProbeSample]) -> Judgement:
+        """Against the reference; on absolute thresholds when the reference itself was degenerate."""
+        signals = [s.signals for s in samples]
+        return degeneration_verdict(signals, None if self._reference_degenerate else self.reference)
+
+    def _record(self, state, step: int, samples: list[ProbeSample], judgement: Judgement,
+                reference: bool = False) -> None:
         if not state.is_world_process_zero:
             return
-        record = {"step": step, **judgement.to_dict(), "samples": [s.to_dict() for s in samples]}
+        record = {"step": step, **judgement.to_dict(), "reference": reference, "reference_step": self.reference_step,
+                  "max_new_tokens": self.max_new_tokens, "samples": [s.to_dict() for s in samples]}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -117,21 +150,34 @@ class DegenerationWatchdog(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         samples = self._probe(model)
-        self.reference = [s.signals for s in samples]
-        judgement = degeneration_verdict(self.reference)
-        self._record(state, state.global_step, samples, judgement)
+        stored = self._stored_reference()
+        if stored is None:
+            self.reference_step, self.reference = state.global_step, [s.signals for s in samples]
+            judgement = degeneration_verdict(self.reference)
+            self._reference_degenerate = judgement.verdict == "DEGENERATE"
+            if state.global_step > 0:
+                log.info("watchdog: no start-of-run reference for these probe settings in %s; the model at step %d "
+                         "becomes the reference", self.log_path, state.global_step)
+            self._record(state, state.global_step, samples, judgement, reference=True)
+        else:
+            self.reference_step, self.reference = stored
+            self._reference_degenerate = degeneration_verdict(self.reference).verdict == "DEGENERATE"
+            judgement = self._judge(samples)
+            log.info("watchdog: judging against the step-%d reference in %s", self.reference_step, self.log_path)
+            self._record(state, state.global_step, samples, judgement)
         if judgement.verdict == "DEGENERATE":
-            log.error("watchdog: the model is already DEGENERATE as training starts (%s); check the surgery "
-                      "output with `python -m eval probe --model <folder>`", "; ".join(judgement.reasons))
-            self._degenerate_at_start = judgement
+            log.error("watchdog: the model is already DEGENERATE as training %s at step %d (%s); check the model "
+                      "with `python -m eval probe --model <folder>`", "resumes" if stored else "starts",
+                      state.global_step, "; ".join(judgement.reasons))
+            self._degenerate_on_start = judgement
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self._degenerate_at_start is not None:
-            judgement, self._degenerate_at_start = self._degenerate_at_start, None
+        if self._degenerate_on_start is not None:
+            judgement, self._degenerate_on_start = self._degenerate_on_start, None
         elif state.global_step % self.every_steps == 0:
             samples = self._probe(model)
-            judgement = degeneration_verdict([s.signals for s in samples], self.reference)
+            judgement = self._judge(samples)
             self._record(state, state.global_step, samples, judgement)
         else:
             return control
@@ -141,8 +187,9 @@ class DegenerationWatchdog(TrainerCallback):
             control.should_training_stop = True
             example = f"; e.g. {judgement.examples[0]}" if judgement.examples else ""
             log.error(
-                "watchdog: greedy samples DEGENERATE at step %d (%s%s). Saving checkpoint-%d and stopping "
-                "training; samples are in %s",
-                state.global_step, "; ".join(judgement.reasons), example, state.global_step, self.log_path,
+                "watchdog: greedy samples DEGENERATE at step %d against the step-%d reference (%s%s). Saving "
+                "checkpoint-%d and stopping training; samples are in %s",
+                state.global_step, self.reference_step, "; ".join(judgement.reasons), example, state.global_step,
+                self.log_path,
             )
         return control

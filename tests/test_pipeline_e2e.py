@@ -207,7 +207,7 @@ def test_training_killed_between_checkpoints_resumes_in_the_same_wandb_run(crash
 
     log = crashed_run["resume_log"]
     assert "surgery: complete for this config, skipping" in log
-    assert re.search(r"train: resuming from \S*checkpoint-\d+", log), log[-3000:]
+    assert re.search(r"\[train\] resuming from \S*checkpoint-\d+", log), log[-3000:]
     train_dir = crashed_run["run_dir"] / "train"
     assert (train_dir / "wandb_run_id").read_text().strip() == crashed_run["wandb_id_at_kill"]
     manifest = json.loads((train_dir / "manifest.json").read_text())

@@ -24,7 +24,7 @@ def q_proj_lora(model, layer: int, factor: str) -> torch.nn.Parameter:
 def test_nf4_smollm2_keeps_q_proj_gradients_after_generate_and_trains(smollm2_dir, tmp_path):
     settings = TrainConfig(
         quantization="nf4", seq_len=32, max_steps=3, save_steps=100, grad_accum=1, learning_rate=1e-3,
-        warmup_ratio=0.0, lora=LoraSettings(r=8, dropout=0.0), wandb=WandbConfig(mode="disabled"),
+        warmup_ratio=0.0, lora=LoraSettings(r=8, dropout=0.0), wandb=WandbConfig(mode="disabled"), eval_steps=None,
     )
     cpu = torch.device("cpu")
     model = load_for_training(smollm2_dir, settings, cpu)

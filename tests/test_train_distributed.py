@@ -6,7 +6,8 @@ Two runs train the same 8 steps, each SIGKILLed after a checkpoint and resumed o
 - `two_then_one`: two processes (`python -m train --set train.num_gpus=2`; only the launching process is killed,
   its workers must die with it), resumed by one process.
 Without dropout every step's loss depends only on the weights and the blocks it trains on, so equal losses at
-every step in both runs mean both saw the config's global batch, in the same order, across both resumptions.
+every step in both runs mean both saw the config's global batch, in the same order, across both resumptions; equal
+held-out losses mean the evaluation split over two processes scores what one process scores.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def stage_config(run_dir: Path, model_dir: Path) -> dict:
         "quantization": "none", "gradient_checkpointing": False, "learning_rate": 0.01, "warmup_ratio": 0.0,
         "data": {"sources": ["python-stdlib-docs"], "tokens": 1500, "heldout_fraction": 0.1},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "eval_steps": 2, "eval_blocks": 3,  # three windows over two processes: one is repeated to even the shards
         "watchdog": {"enabled": False},
         "wandb": {"mode": "offline"},
     }
@@ -71,9 +73,9 @@ def finish(args: list[str]) -> str:
     return output
 
 
-def history(train_dir: Path) -> dict[int, dict]:
+def history(train_dir: Path, key: str = "loss") -> dict[int, dict]:
     entries = json.loads((train_dir / "log_history.json").read_text())
-    return {entry["step"]: entry for entry in entries if "loss" in entry}
+    return {entry["step"]: entry for entry in entries if key in entry}
 
 
 def processes_running(marker: str) -> list[int]:
@@ -174,6 +176,12 @@ def test_both_directions_train_the_same_steps_on_the_same_blocks(one_then_two, t
     for step in one_two:
         assert two_one[step]["loss"] == pytest.approx(one_two[step]["loss"], rel=1e-5), f"step {step}"
     assert one_two[STEPS]["loss"] < one_two[1]["loss"]
+    # The held-out loss likewise, evaluated on one process in one run and on two in the other (step 0 included).
+    one_two, two_one = history(one_then_two[0], "heldout_loss"), history(two_then_one[0], "heldout_loss")
+    assert sorted(one_two) == sorted(two_one) == list(range(0, STEPS + 1, 2))
+    for step in one_two:
+        for key in ("heldout_loss", "heldout_bits_per_byte", "heldout_tokens"):
+            assert two_one[step][key] == pytest.approx(one_two[step][key], rel=1e-5), f"step {step}: {key}"
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,8 @@ def test_merged_export_equals_base_plus_scaled_lora_product(tiny_llama, tmp_path
     base_dir = tiny_llama("base", dtype=dtype, num_hidden_layers=2, max_shard_size="40KB")
     peft_model = random_adapter(base_dir, r=4, alpha=8)
     adapter_dir = save_adapter(peft_model, tmp_path / "adapter")
-    merged_dir = merge_adapter(base_dir, adapter_dir, tmp_path / "merged", max_shard_size="40KB")
+    merged_dir = tmp_path / "merged"
+    assert merge_adapter(base_dir, adapter_dir, merged_dir, max_shard_size="40KB")["into"] == "base"
 
     base, merged = CheckpointReader(base_dir), CheckpointReader(merged_dir)
     assert merged.names == base.names and len(list(merged_dir.glob("*.safetensors"))) > 1
@@ -85,3 +86,64 @@ def test_an_adapter_without_lora_tensors_is_never_exported(tiny_llama, tmp_path)
     with pytest.raises(RuntimeError, match="holds no LoRA tensors"):
         save_adapter(peft_model, tmp_path / "adapter", state_dict={"base_model.model.lm_head.weight": torch.ones(2)})
     assert not (tmp_path / "adapter").exists()
+
+
+def nf4_linears(model) -> dict[str, torch.nn.Module]:
+    """The 4-bit linears of an NF4-loaded model by checkpoint weight name (peft wrappers removed from the name)."""
+    import bitsandbytes as bnb
+
+    return {name.removeprefix("base_model.model.").replace(".base_layer", "") + ".weight": module
+            for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # on a GPU box: CUDA's kernels, the real run's
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_the_dequantized_nf4_merge_starts_from_exactly_the_weights_nf4_loading_makes(tiny_llama, tmp_path, stored,
+                                                                                      device):
+    """With an untrained adapter (B = 0) the merge is the NF4 model's own dequantized weights, bit for bit, for exactly
+    the tensors loading quantizes; every other tensor is the stored one."""
+    import bitsandbytes.functional as bnbf
+
+    from train.model import load_base_model
+
+    base_dir = tiny_llama("base", dtype=stored)
+    adapter_dir = save_adapter(get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(
+        r=2, lora_alpha=4, target_modules=TARGETS)), tmp_path / "adapter")
+    summary = merge_adapter(base_dir, adapter_dir, tmp_path / "merged", into="dequantized_nf4",
+                            device=torch.device(device))
+    linears = nf4_linears(load_base_model(base_dir, "nf4", torch.device(device)))
+    assert summary["into"] == "dequantized_nf4" and summary["dequantized_tensors"] == len(linears) == 2 * 7
+
+    base, merged = CheckpointReader(base_dir), CheckpointReader(tmp_path / "merged")
+    for name in base.names:
+        if name in linears:
+            weight = linears[name].weight
+            nf4 = bnbf.dequantize_4bit(weight.data, weight.quant_state).to("cpu", stored)
+            assert torch.equal(merged.get(name), nf4), name
+            assert not torch.equal(merged.get(name), base.get(name)), name
+        else:
+            assert torch.equal(merged.get(name), base.get(name)), name
+
+
+def test_the_dequantized_nf4_merge_computes_what_was_trained_and_the_base_merge_does_not(tiny_llama, tmp_path):
+    """The NF4 base + adapter, as training computes it, against the two exports of the same adapter."""
+    from train.model import load_base_model
+
+    base_dir = tiny_llama("base")
+    torch.manual_seed(0)
+    trained = get_peft_model(load_base_model(base_dir, "nf4", torch.device("cpu")), LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    adapter_dir = save_adapter(trained, tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 17, 42, 99, 3, 64, 8]])
+    logits = {}
+    with torch.no_grad():
+        logits["trained"] = trained.eval()(ids).logits
+        for into in ("dequantized_nf4", "base"):
+            merge_adapter(base_dir, adapter_dir, tmp_path / into, into=into)
+            logits[into] = AutoModelForCausalLM.from_pretrained(tmp_path / into, dtype=torch.float32)(ids).logits
+    off = {into: (logits[into] - logits["trained"]).abs().max().item() for into in ("dequantized_nf4", "base")}
+    assert off["dequantized_nf4"] < 1e-4 * logits["trained"].abs().max().item(), off
+    assert off["base"] > 1000 * off["dequantized_nf4"], off  # the NF4 rounding the adapter was trained with is gone

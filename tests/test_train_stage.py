@@ -4,13 +4,16 @@ the same losses and wandb run id, and bad input fails with one line before any w
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import (
     assert_merged_export_differs_from_base,
@@ -20,18 +23,20 @@ from conftest import (
 )
 
 from pipeline.config import load_config
-from pipeline.runs import read_manifest, stage_fingerprint
+from pipeline.runs import read_manifest, stage_fingerprint, write_manifest
 from train.cli import main as train_main
+from train.data import BUNDLED_SOURCES
 from train.trainer import newest_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 24
 SAVE_STEPS = 4
+EVAL_STEPS = 8
 
 
-def stage_config(run_dir: Path, model_dir: Path, **train_overrides) -> dict:
+def stage_config(run_dir: Path, model_dir: Path | None, **train_overrides) -> dict:
     train = {
-        "model": str(model_dir),
+        "model": str(model_dir) if model_dir else None,
         "max_steps": MAX_STEPS,
         "save_steps": SAVE_STEPS,
         "seq_len": 64,
@@ -41,6 +46,8 @@ def stage_config(run_dir: Path, model_dir: Path, **train_overrides) -> dict:
         "warmup_ratio": 0.0,  # so a run started with a larger max_steps follows the same schedule
         "data": {"sources": ["python-stdlib-docs"], "tokens": 1500, "heldout_fraction": 0.1},
         "lora": {"r": 8, "alpha": 16},
+        "eval_steps": EVAL_STEPS,
+        "eval_blocks": 3,
         "wandb": {"mode": "offline"},
     }
     train.update(train_overrides)
@@ -61,6 +68,11 @@ def run_stage(config: Path, *args: str, **popen) -> subprocess.Popen:
 def losses(train_dir: Path) -> dict[int, float]:
     history = json.loads((train_dir / "log_history.json").read_text())
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def heldout_losses(train_dir: Path) -> dict[int, dict]:
+    history = json.loads((train_dir / "log_history.json").read_text())
+    return {entry["step"]: entry for entry in history if "heldout_loss" in entry}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +112,14 @@ def test_tiny_model_trains_its_loss_falls_and_the_stage_exports(finished_run, ti
     heldout = [json.loads(line) for line in (train_dir / "heldout.jsonl").read_text().splitlines()]
     assert heldout and all(set(record) == {"text"} and record["text"] for record in heldout)
     assert_merged_export_differs_from_base(train_dir, tiny_model)
+    assert manifest["merge"]["into"] == "dequantized_nf4" and manifest["merge"]["adapted_tensors"] == 2 * 7
+
+    evaluated = heldout_losses(train_dir)
+    assert sorted(evaluated) == list(range(0, MAX_STEPS + 1, EVAL_STEPS))  # at the start, every 8 steps, the end
+    assert all(entry["tokens_seen"] == step * tokens_per_step for step, entry in evaluated.items())
+    assert evaluated[MAX_STEPS]["heldout_loss"] < evaluated[0]["heldout_loss"] - 0.5
+    assert len({entry["heldout_tokens"] for entry in evaluated.values()}) == 1  # one fixed set
+
     checkpoints = sorted(p.name for p in train_dir.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-16", "checkpoint-20", "checkpoint-24"]  # save_total_limit 3
 
@@ -112,9 +132,46 @@ def test_tiny_model_trains_its_loss_falls_and_the_stage_exports(finished_run, ti
     assert len(run_folders) == 1 and list(run_folders[0].glob("*.wandb"))
 
 
-def test_sigkilled_run_resumes_with_the_same_losses_and_wandb_run(tmp_path, tiny_model, finished_run):
-    config = write_config(tmp_path / "config.yaml", stage_config(tmp_path / "run", tiny_model))
-    train_dir = tmp_path / "run" / "train"
+def test_the_last_held_out_loss_is_what_the_eval_stage_measures_on_the_merged_model(finished_run):
+    """The same documents scored by eval's perplexity (its own windows and byte count) on the exported model: the
+    numbers training logged, since the dequantized-NF4 merge computes what was trained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.perplexity import heldout_perplexity
+    from train.heldout import heldout_windows, read_texts
+
+    config, train_dir = finished_run
+    train = load_config(config).train
+    tokenizer = AutoTokenizer.from_pretrained(train_dir / "merged")
+    texts = heldout_windows(read_texts(train_dir / "heldout.jsonl"), tokenizer, train.seq_len, train.eval_blocks).texts
+    merged = AutoModelForCausalLM.from_pretrained(train_dir / "merged", dtype=torch.float32)
+    measured = heldout_perplexity(merged, tokenizer, texts, window=train.seq_len - 1)
+    logged = heldout_losses(train_dir)[MAX_STEPS]
+    assert logged["heldout_tokens"] == measured.predicted_tokens
+    assert logged["heldout_bits_per_byte"] == pytest.approx(measured.bits_per_byte, rel=1e-4)
+    assert logged["heldout_loss"] == pytest.approx(measured.nll_nats / measured.predicted_tokens, rel=1e-4)
+
+
+def carried_run(box: Path, model_dir: Path | None = None) -> Path:
+    """The config of a run in `box`: its model is the finished surgery output inside the run folder, its data a
+    local file beside it (the bundled corpus's bytes, so its slice is the uninterrupted run's). With `model_dir`
+    the box is set up first; without, the box was carried here and only its config is rewritten for the new paths.
+    """
+    data = box / "corpus.jsonl.gz"
+    if model_dir is not None:
+        surgery_dir = box / "run" / "surgery"
+        shutil.copytree(model_dir, surgery_dir)
+        write_manifest(surgery_dir, "surgery", fingerprint="made-by-hand")
+        shutil.copyfile(BUNDLED_SOURCES["python-stdlib-docs"], data)
+    config = stage_config(box / "run", None)
+    config["train"]["data"]["sources"] = [str(data)]
+    return write_config(box / "config.yaml", config)
+
+
+def test_a_sigkilled_run_moved_or_copied_elsewhere_resumes_with_the_same_losses(tmp_path, tiny_model, finished_run,
+                                                                                capsys):
+    config = carried_run(tmp_path / "box-a", tiny_model)
+    train_dir = tmp_path / "box-a" / "run" / "train"
     # The killed run aims far past MAX_STEPS so it cannot finish before the kill; with no warmup its schedule
     # is the same constant one.
     process = run_stage(config, "--set", "train.max_steps=100000", stdout=subprocess.DEVNULL,
@@ -125,18 +182,40 @@ def test_sigkilled_run_resumes_with_the_same_losses_and_wandb_run(tmp_path, tiny
     assert read_manifest(train_dir) is None
     run_id = (train_dir / "wandb_run_id").read_text().strip()
 
-    resumed = run_stage(config, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, output[-3000:]
-    assert f"resuming from {killed_at}" in output
+    # One copy with fresh mtimes everywhere (cp -r without -p), then the original moved (its mtimes kept).
+    shutil.copytree(tmp_path / "box-a", tmp_path / "copied", copy_function=shutil.copyfile)
+    (tmp_path / "box-a").rename(tmp_path / "moved")
+    copied, moved = carried_run(tmp_path / "copied"), carried_run(tmp_path / "moved")
+    data = tmp_path / "copied" / "corpus.jsonl.gz"
+    assert data.stat().st_mtime_ns != (tmp_path / "moved" / "corpus.jsonl.gz").stat().st_mtime_ns
 
-    expected, got = losses(finished_run[1]), losses(train_dir)
-    assert sorted(got) == sorted(expected)
-    for step, loss in expected.items():
-        assert got[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
-    assert (train_dir / "wandb_run_id").read_text().strip() == run_id
-    assert read_manifest(train_dir)["wandb_run_id"] == run_id
-    assert len(list((train_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # one folder per process
+    with gzip.open(BUNDLED_SOURCES["python-stdlib-docs"], "rt", encoding="utf-8") as handle:
+        documents = handle.readlines()
+    with gzip.open(data, "wt", encoding="utf-8") as handle:  # really changed: one document less
+        handle.writelines(documents[1:])
+    assert train_main(["--config", str(copied)]) == 2
+    refused = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "changed: data_slice" in refused and "--no-resume" in refused, refused
+    shutil.copyfile(BUNDLED_SOURCES["python-stdlib-docs"], data)  # the same bytes again, another mtime
+
+    expected = losses(finished_run[1])
+    for config in (copied, moved):
+        resumed = run_stage(config, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output, _ = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, output[-3000:]
+        train_dir = config.parent / "run" / "train"
+        assert f"resuming from {train_dir / killed_at.name}" in output
+        got = losses(train_dir)
+        assert sorted(got) == sorted(expected)
+        for step, loss in expected.items():
+            assert got[step] == pytest.approx(loss, rel=1e-4), f"{config.parent.name}: step {step}"
+        expected_heldout, got_heldout = heldout_losses(finished_run[1]), heldout_losses(train_dir)
+        assert sorted(got_heldout) == sorted(expected_heldout)
+        for step, entry in expected_heldout.items():
+            assert got_heldout[step]["heldout_loss"] == pytest.approx(entry["heldout_loss"], rel=1e-4), step
+        assert (train_dir / "wandb_run_id").read_text().strip() == run_id
+        assert read_manifest(train_dir)["wandb_run_id"] == run_id
+        assert len(list((train_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # one folder per process
 
 
 def test_complete_stage_is_not_retrained_and_changed_settings_do_not_resume(finished_run, capsys):

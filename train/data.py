@@ -8,11 +8,13 @@ an EOS after it, the stream is packed into `seq_len` blocks with no padding, and
 every EOS stays in the loss (a pad-masking collator with pad = eos would teach the model never to stop).
 
 The packed blocks and the held-out file are saved once under `<run_dir>/data/<key>/`, the key hashing the
-tokenizer files, the sources and the slice settings; a resumed run reads the very same blocks.
+tokenizer files, the sources (a local file by its bytes) and the slice settings; a resumed run reads the very same
+blocks, also from a run folder that was moved or copied.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 BUNDLED_SOURCES = {"python-stdlib-docs": Path(__file__).parent / "samples" / "python_stdlib_docs.jsonl.gz"}
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 HUB_SOURCE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:/(?P<pattern>.+))?$")
+HASH_CHUNK = 8 * 2**20
 SLICE_FORMAT = 1  # bump when the slicing or packing rules change, so old caches are not reused
 BLOCKS_FILE = "blocks.npy"
 HELDOUT_FILE = "heldout.jsonl"
@@ -109,12 +112,27 @@ def resolve_source(source: str) -> DataSource:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes; cached per (path, size, mtime) because one run keys its slice more than once."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def source_fingerprint(source: str) -> str:
-    """What identifies a source's content for the cache key, without touching the network."""
+    """What identifies a source's content for the cache key, without touching the network.
+
+    Local files count by their bytes, in the order they are read, never by path or mtime: a run folder carried
+    to another box, or copied without keeping mtimes, still finds its slice and resumes, and an edited file is
+    still a different slice. Hashing costs seconds per GB, little next to tokenizing the same bytes.
+    """
     local = _local_files(source)
     if local is None:
         return f"hub:{source}"
-    return ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in local)
+    return ";".join(_content_digest(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in local)
 
 
 def tokenizer_fingerprint(model_dir: Path) -> str:

@@ -1,10 +1,16 @@
-"""Export: the LoRA adapter on its own, and merged into the unquantized base weights as a plain HF folder.
+"""Export: the LoRA adapter on its own, and merged into the base weights as a plain HF folder.
 
 The merge never loads a model: it streams the base checkpoint tensor by tensor (pipeline.checkpoint), adds
-scale * B @ A to each adapted weight in fp32, stores it back in the base's dtype, and writes shards as it
-goes, so a 22b merge needs one tensor's worth of memory, not 44 GB. Merging into the full-precision base (not
-the NF4 copy trained against) is QLoRA's usual export: the adapter learned a correction to W, and the NF4
-rounding error is not baked into the result.
+scale * B @ A to each adapted weight in fp32, stores it back in the base's dtype, and writes shards as it goes, so
+a 22b merge needs one tensor's worth of memory, not 44 GB.
+
+What the adapter is added to (`into`):
+- `dequantized_nf4` (the default for NF4 training): each weight that loading quantizes is first quantized exactly
+  as loading does and dequantized, so the export computes what was trained (NF4 base + adapter): the adapter
+  learned a correction to the NF4 weights it saw, including their rounding. benchmarks/export_fidelity.py measured
+  this merge closer to the trained model than the other one (benchmarks/RESULTS.md).
+- `base`: the stored (bf16) weights, QLoRA's usual export, which drops the NF4 rounding the adapter was trained
+  with. With `quantization: none` the two are the same thing and the merge is always `base`.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -22,10 +29,12 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import CheckpointReader, ShardedWriter, TensorSpec, parse_size
+from pipeline.config import MergeInto
 from pipeline.errors import UserError
 from pipeline.models import TOKENIZER_FILES
 from pipeline.runs import atomic_output_dir
 from train.fsdp_adapter import adapter_file_entries, is_lora_key
+from train.model import nf4_round_trip, quantized_on_load
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # Everything of a model folder except its weights: the merged folder must load with from_pretrained alone.
 MODEL_FOLDER_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+MERGE_TARGETS = {"base": "stored base weights", "dequantized_nf4": "dequantized NF4 weights"}
 
 
 def save_adapter(peft_model, adapter_dir: Path, state_dict: dict | None = None) -> Path:
@@ -92,9 +102,9 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch
 
 
 def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """W + scale * B @ A, computed in fp32 whatever the storage dtype, stored back in W's dtype."""
-    delta = lora_b.to(torch.float32) @ lora_a.to(torch.float32)
-    return (weight.to(torch.float32) + scale * delta).to(weight.dtype)
+    """W + scale * B @ A in fp32, whatever the dtypes (the caller stores it in the checkpoint's), on W's device."""
+    delta = lora_b.to(weight.device, torch.float32) @ lora_a.to(weight.device, torch.float32)
+    return weight.to(torch.float32) + scale * delta
 
 
 def copy_model_folder_files(base_dir: Path, out_dir: Path) -> None:
@@ -103,8 +113,15 @@ def copy_model_folder_files(base_dir: Path, out_dir: Path) -> None:
             shutil.copy2(base_dir / name, out_dir / name)
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, merged_dir: Path, max_shard_size: str = "5GB") -> Path:
-    """Write base + adapter as a normal HF model folder at `merged_dir`, streaming one tensor at a time."""
+def merge_adapter(base_dir: Path, adapter_dir: Path, merged_dir: Path, max_shard_size: str = "5GB",
+                  into: MergeInto = "base", device: torch.device | None = None) -> dict[str, Any]:
+    """Write base + adapter as a normal HF model folder at `merged_dir`, streaming one tensor at a time.
+
+    `into` says what the adapter is added to (see the module docstring); `device` is where the arithmetic runs
+    (the training device: there NF4 quantization matches loading's bit for bit). Returns what was merged, for the
+    manifest.
+    """
+    device = device or torch.device("cpu")
     reader = CheckpointReader(base_dir)
     pairs, scale = read_adapter(adapter_dir)
     unknown = sorted(set(pairs) - set(reader.names))
@@ -115,14 +132,20 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, merged_dir: Path, max_shard
         if (lora_b.shape[0], lora_a.shape[1]) != (rows, cols):
             raise UserError(f"adapter for {name} is {lora_b.shape[0]}x{lora_a.shape[1]}, the base is {rows}x{cols}")
     specs = [TensorSpec(name, reader.shape(name), reader.dtype(name)) for name in reader.names]
+    dequantized = 0
     with atomic_output_dir(merged_dir, force=True) as tmp:
         writer = ShardedWriter(tmp, specs, parse_size(max_shard_size))
-        for spec in tqdm(specs, desc="merging LoRA into the base weights", unit="tensor"):
+        for spec in tqdm(specs, desc=f"merging LoRA into the {MERGE_TARGETS[into]}", unit="tensor"):
             tensor = reader.get(spec.name)
+            if into == "dequantized_nf4" and quantized_on_load(spec.name, spec.shape):
+                tensor = nf4_round_trip(tensor, device)
+                dequantized += 1
             if spec.name in pairs:
-                tensor = merged_weight(tensor, *pairs[spec.name], scale)
-            writer.write(spec.name, tensor)
+                tensor = merged_weight(tensor.to(device), *pairs[spec.name], scale)
+            writer.write(spec.name, tensor.to("cpu", spec.dtype))
         writer.close()
         copy_model_folder_files(base_dir, tmp)
-    log.info("export: merged %d adapted tensors (scale %g) into %s", len(pairs), scale, merged_dir)
-    return merged_dir
+    log.info("export: merged %d adapted tensors (scale %g) into the %s: %s", len(pairs), scale, MERGE_TARGETS[into],
+             merged_dir)
+    return {"into": into, "scale": scale, "adapted_tensors": len(pairs), "dequantized_tensors": dequantized,
+            "device": str(device)}

@@ -26,14 +26,12 @@ import contextlib
 import functools
 import logging
 import types
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-if TYPE_CHECKING:
-    from pipeline.config import FastRecipeConfig
+from pipeline.config import FastRecipeConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +61,7 @@ def fuse_linear_cross_entropy(model: torch.nn.Module) -> bool:
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
     except ImportError:
-        log.info("train: liger-kernel not installed, keeping the plain cross-entropy (pip install liger-kernel)")
+        log.info("liger-kernel not installed, keeping the plain cross-entropy (pip install liger-kernel)")
         return False
     apply_liger_kernel_to_llama(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
                                 fused_linear_cross_entropy=True, model=model)

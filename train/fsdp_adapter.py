@@ -79,5 +79,5 @@ class FsdpAdapterCheckpoints(TrainerCallback):
             return
         count = load_sharded_adapter(model, self.resume_from / CHECKPOINT_ADAPTER)
         if args.should_save:
-            log.info("train: restored %d LoRA matrices (sharded) from %s", count, self.resume_from)
+            log.info("restored %d LoRA matrices (sharded) from %s", count, self.resume_from)
         self.resume_from = None

@@ -20,15 +20,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
+from pipeline.config import TrainConfig
 from pipeline.errors import UserError
+from pipeline.runs import atomic_file
 from train.world import LAUNCHER_PID
-
-if TYPE_CHECKING:
-    from pipeline.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +63,7 @@ def check_gpus(train: TrainConfig) -> bool:
         if train.distributed == "fsdp":
             raise UserError("train.distributed=fsdp needs CUDA GPUs (accelerate's FSDP has no CPU backend); use "
                             "train.distributed=ddp here")
-        log.info("train: no CUDA GPU, so the %d processes run on CPU (gloo): a check of the multi-process path, "
+        log.info("no CUDA GPU, so the %d processes run on CPU (gloo): a check of the multi-process path, "
                  "not a speed-up", train.num_gpus)
         return False
     visible = torch.cuda.device_count()
@@ -120,8 +118,9 @@ def launch_workers(train: TrainConfig, out_dir: Path, stage_args: list[str], cud
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     config_file = out_dir / ACCELERATE_CONFIG
-    config_file.write_text(yaml.safe_dump(accelerate_config(train), sort_keys=True))
-    log.info("train: starting %d %s processes (%s) with accelerate launch --config_file %s", train.num_gpus,
+    with atomic_file(config_file) as tmp:
+        tmp.write_text(yaml.safe_dump(accelerate_config(train), sort_keys=True))
+    log.info("starting %d %s processes (%s) with accelerate launch --config_file %s", train.num_gpus,
              "GPU" if cuda else "CPU", train.distributed, config_file)
     args = launch_command_parser().parse_args(
         ["--config_file", str(config_file), "--module", "train", *stage_args]
@@ -135,10 +134,10 @@ def launch_workers(train: TrainConfig, out_dir: Path, stage_args: list[str], cud
         code = worker_exit_code(failed.failures)
         if code != 2:  # 2: the main worker already printed its one-line error
             ranks = ", ".join(str(rank) for rank, f in sorted(failed.failures.items()) if f.exitcode > 0) or "?"
-            log.error("train: worker process %s failed (exit %d); its output is above", ranks, code)
+            log.error("worker process %s failed (exit %d); its output is above", ranks, code)
         return code
     except SignalException as stopped:  # the launcher turns SIGTERM/SIGINT into this, after stopping the workers
-        log.error("train: interrupted by signal %d; the workers were stopped, and a rerun resumes from the newest "
+        log.error("interrupted by signal %d; the workers were stopped, and a rerun resumes from the newest "
                   "complete checkpoint", stopped.sigval)
         return 128 + int(stopped.sigval)
     finally:

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from pipeline.config import FastRecipeConfig, LoraSettings, TrainConfig
 from pipeline.errors import UserError, error_reason
-
-if TYPE_CHECKING:  # only for hints: benchmarks/train_bench.py runs this module without pydantic installed
-    from pipeline.config import FastRecipeConfig, LoraSettings, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +44,32 @@ def nf4_config(compute: torch.dtype, sharded: bool = False):
         bnb_4bit_compute_dtype=compute,
         **({"bnb_4bit_quant_storage": compute} if sharded else {}),
     )
+
+
+def quantized_on_load(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether loading with `nf4_config` quantizes this checkpoint tensor.
+
+    transformers' bitsandbytes integration replaces every nn.Linear but the output embedding (lm_head); in a Llama
+    those are exactly the 2-D weights inside the decoder layers (q/k/v/o, gate/up/down). Embeddings, norms and
+    lm_head keep the compute dtype.
+    """
+    return name.startswith("model.layers.") and name.endswith(".weight") and len(shape) == 2
+
+
+def nf4_round_trip(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`weight` as the NF4-loaded model holds it: quantized exactly as loading quantizes it (a bitsandbytes
+    Params4bit with nf4_config's settings, from the load dtype, on `device`), then dequantized, in the load dtype."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    load_dtype = compute_dtype(device)
+    settings = nf4_config(load_dtype)
+    quantized = bnb.nn.Params4bit(
+        weight.to(device=device, dtype=load_dtype), requires_grad=False,
+        compress_statistics=settings.bnb_4bit_use_double_quant, quant_type=settings.bnb_4bit_quant_type,
+        quant_storage=settings.bnb_4bit_quant_storage,
+    ).to(device)
+    return bnbf.dequantize_4bit(quantized.data, quantized.quant_state)
 
 
 def load_base_model(model_dir: Path, quantization: str, device: torch.device, sharded: bool = False):

@@ -12,18 +12,18 @@ setting: checkpoints resume on any number of them.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, TrainConfig
 from pipeline.errors import UserError
 from pipeline.models import resolve_model
-from pipeline.runs import MANIFEST, read_manifest, stage_fingerprint, write_json_atomic, write_manifest
+from pipeline.runs import MANIFEST, atomic_file, read_manifest, stage_fingerprint, write_json_atomic, write_manifest
 from pipeline.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,11 @@ RESUME_SETTINGS = "resume_settings.json"
 HELDOUT = "heldout.jsonl"
 LOG_HISTORY = "log_history.json"
 # The train settings a checkpoint's weights, optimizer state and data position depend on; the others (max_steps,
-# save_steps, wandb, ...) may change between a run and its resumption.
+# save_steps, wandb, ...) may change between a run and its resumption. The model and the data sources count too,
+# by what they are rather than by their paths (resume_settings).
 CHECKPOINT_SETTINGS = {
-    "model", "seq_len", "data", "quantization", "lora", "optimizer", "learning_rate", "warmup_ratio",
-    "batch_size", "grad_accum", "max_grad_norm",
+    "seq_len", "data", "quantization", "lora", "optimizer", "learning_rate", "warmup_ratio", "batch_size",
+    "grad_accum", "max_grad_norm",
 }
 
 
@@ -80,22 +81,46 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def model_identity(config: RunConfig, model_dir: Path) -> str:
+    """The base model as the checkpoints know it, in terms that survive moving or copying the run folder.
+
+    A model inside the run folder (the surgery output) is its path relative to the folder; any other is the
+    reference as configured in train.model, a hub snapshot also with its commit, so a changed upstream model is
+    still a changed model. Never an absolute path.
+    """
+    inside, run_dir = model_dir.absolute(), config.run_dir.absolute()
+    if inside.is_relative_to(run_dir):
+        return f"<run_dir>/{inside.relative_to(run_dir).as_posix()}"
+    reference = config.train.model or str(inside)
+    return f"{reference}@{model_dir.name}" if model_dir.parent.name == "snapshots" else reference
+
+
 def resume_settings(config: RunConfig, model_dir: Path) -> dict[str, Any]:
-    """What checkpoints depend on: CHECKPOINT_SETTINGS of the train section, the seed, the base model, and the
-    data slice's key (which also changes when a local source file or the tokenizer changes)."""
+    """What checkpoints depend on: CHECKPOINT_SETTINGS of the train section, the seed, the base model (what it is,
+    and its manifest's fingerprint), and the data slice's key (which also changes when the bytes of a local source
+    file or the tokenizer change). Nothing in it is an absolute path or a file time."""
     from train.data import slice_key
 
     base = read_manifest(model_dir) or {}
     return {
         "seed": config.seed,
-        "model": str(model_dir.resolve()),
+        "model": model_identity(config, model_dir),
         "model_fingerprint": base.get("fingerprint"),
         "data_slice": slice_key(config.train.data, config.train.seq_len, model_dir),
-        # FSDP checkpoints hold sharded weights and optimizer state that a DDP or single process cannot read; the key
-        # exists only then, so the settings recorded by runs that predate it still match.
-        "train": {**config.train.model_dump(mode="json", include=CHECKPOINT_SETTINGS),
-                  **({"distributed": "fsdp"} if config.train.distributed == "fsdp" else {})},
+        "train": checkpoint_train_settings(config.train),
     }
+
+
+def checkpoint_train_settings(train: TrainConfig) -> dict[str, Any]:
+    """CHECKPOINT_SETTINGS of the train section, less the data sources: paths, which change when the data moves with
+    the run folder; the data slice's key stands for their bytes."""
+    settings = train.model_dump(mode="json", include=CHECKPOINT_SETTINGS)
+    del settings["data"]["sources"]
+    if train.distributed == "fsdp":
+        # FSDP checkpoints hold sharded weights and optimizer state that a DDP or single process cannot read; the
+        # key exists only then, so the settings recorded by runs that predate it still match.
+        settings["distributed"] = "fsdp"
+    return settings
 
 
 def changed_resume_settings(out_dir: Path, settings: dict[str, Any]) -> list[str]:
@@ -137,21 +162,33 @@ def why_not_resumable(out_dir: Path, settings: dict[str, Any], max_steps: int) -
 def publish_heldout(source: Path, out_dir: Path) -> Path:
     """Copy the held-out documents next to the stage outputs, where the eval stage looks for them."""
     target = out_dir / HELDOUT
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with atomic_file(target) as tmp:
+        shutil.copyfile(source, tmp)
     return target
 
 
-def start_watchdog(train, model_dir: Path, out_dir: Path):
+def start_watchdog(train: TrainConfig, tokenizer, out_dir: Path):
     """pipeline.watchdog's greedy-sample check as a Trainer callback, when `train.watchdog.enabled`."""
     if not train.watchdog.enabled:
         return None
-    from transformers import AutoTokenizer
-
     from pipeline.watchdog import DegenerationWatchdog
 
-    return DegenerationWatchdog.from_config(train.watchdog, AutoTokenizer.from_pretrained(model_dir), out_dir)
+    return DegenerationWatchdog.from_config(train.watchdog, tokenizer, out_dir)
+
+
+def heldout_set(train: TrainConfig, tokenizer, heldout_path: Path):
+    """The fixed held-out windows the loss is evaluated on during training; None when train.eval_steps is off."""
+    if train.eval_steps is None:
+        return None
+    from train.heldout import heldout_windows, read_texts
+
+    heldout = heldout_windows(read_texts(heldout_path), tokenizer, train.seq_len, train.eval_blocks)
+    if not heldout.windows:
+        raise UserError(f"the held-out documents in {heldout_path} are all shorter than two tokens; raise "
+                        "train.data.heldout_fraction, or set train.eval_steps to null to train without held-out loss")
+    log.info("held-out loss every %d steps on %d window(s) of %d tokens: %d documents, %s predicted tokens",
+             train.eval_steps, len(heldout.windows), train.seq_len, len(heldout.texts), f"{heldout.predicted_tokens:,}")
+    return heldout
 
 
 def last_loss(log_history: list[dict[str, Any]]) -> float | None:
@@ -187,7 +224,7 @@ def preflight(config: RunConfig, resume: bool) -> Preflight:
     manifest = read_manifest(out_dir)
     complete = resume and manifest is not None and manifest.get("fingerprint") == fingerprint
     if complete:
-        log.info("train: already complete for this config (%s); pass --no-resume to train again", out_dir)
+        log.info("already complete for this config (%s); pass --no-resume to train again", out_dir)
     return Preflight(model_dir, fingerprint, complete)
 
 
@@ -206,10 +243,10 @@ def prepare_stage_folder(config: RunConfig, model_dir: Path, resume: bool, resta
     corpus = prepare_corpus(train.data, train.seq_len, model_dir, config.run_dir / "data")
     settings = resume_settings(config, model_dir)
     if not resume and out_dir.exists():
-        log.info("train: --no-resume, deleting the previous checkpoints and outputs in %s", out_dir)
+        log.info("--no-resume, deleting the previous checkpoints and outputs in %s", out_dir)
         shutil.rmtree(out_dir)
     elif restart_if_unfit and (reason := why_not_resumable(out_dir, settings, train.max_steps)):
-        log.info("train: starting over in %s: %s", out_dir, reason)
+        log.info("starting over in %s: %s", out_dir, reason)
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_resume_settings(out_dir, settings)
@@ -258,7 +295,7 @@ def run_train(config: RunConfig, resume: bool = True, restart_if_unfit: bool = F
 
     # Heavy imports only now: bad input above fails in a second, and the data/model modules need torch & co.
     import torch
-    from transformers import set_seed
+    from transformers import AutoTokenizer, set_seed
 
     from train.data import prepare_corpus
     from train.export import merge_adapter, save_adapter
@@ -287,9 +324,11 @@ def run_train(config: RunConfig, resume: bool = True, restart_if_unfit: bool = F
         resume_from = newest_complete_checkpoint(out_dir) if resume else None
         callbacks = [FsdpAdapterCheckpoints(resume_from)] if train.distributed == "fsdp" else []
         callbacks += [WandbLogging(run)] if run else []
-        watchdog = start_watchdog(train, model_dir, out_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        watchdog = start_watchdog(train, tokenizer, out_dir)
         callbacks += [watchdog] if watchdog else []
-        trainer = build_trainer(model, corpus.dataset(), train, out_dir, config.seed, device, callbacks)
+        trainer = build_trainer(model, corpus.dataset(), train, out_dir, config.seed, device, callbacks,
+                                heldout_set(train, tokenizer, corpus.heldout_path))
         run_training(trainer, resume_from, out_dir)
         if watchdog is not None and watchdog.tripped is not None:
             raise UserError(
@@ -304,9 +343,11 @@ def run_train(config: RunConfig, resume: bool = True, restart_if_unfit: bool = F
         write_json_atomic(out_dir / LOG_HISTORY, history)
         save_adapter(model, out_dir / "adapter", adapter_state)
         del trainer, model, adapter_state
+        gc.collect()  # the Trainer and its Accelerator hold the model in reference cycles
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        merge_adapter(model_dir, out_dir / "adapter", out_dir / "merged", train.max_shard_size)
+        into = train.merge if train.quantization == "nf4" else "base"  # unquantized training saw the stored weights
+        merge = merge_adapter(model_dir, out_dir / "adapter", out_dir / "merged", train.max_shard_size, into, device)
         exit_code = 0
     finally:
         if run is not None:
@@ -327,8 +368,9 @@ def run_train(config: RunConfig, resume: bool = True, restart_if_unfit: bool = F
         heldout=HELDOUT,
         adapter="adapter",
         merged="merged",
+        merge=merge,
         log_history=LOG_HISTORY,
         wandb_run_id=wandb_run_id,
     )
-    log.info("train: done after %d steps; merged model in %s", steps, out_dir / "merged")
+    log.info("done after %d steps; merged model in %s", steps, out_dir / "merged")
     return out_dir

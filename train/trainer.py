@@ -19,21 +19,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
+from pipeline.config import TrainConfig
 from pipeline.errors import UserError
+from pipeline.runs import write_json_atomic
+from train.heldout import HeldoutMetrics, HeldoutWindows, window_sums
 from train.world import grad_accum_per_process, world_size
-
-if TYPE_CHECKING:  # only for hints: benchmarks/train_bench.py runs this module without pydantic installed
-    from pipeline.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def remove_incomplete_checkpoints(out_dir: Path) -> None:
     """Delete checkpoints torn by a killed run, so neither resumption nor rotation ever picks one up."""
     for path in checkpoints(out_dir):
         if not is_complete_checkpoint(path):
-            log.info("train: removing incomplete %s left by an interrupted run", path)
+            log.info("removing incomplete %s left by an interrupted run", path)
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -104,6 +103,7 @@ def optimizer_name(setting: str, device: torch.device) -> str:
 
 def training_arguments(train: TrainConfig, out_dir: Path, seed: int, device: torch.device) -> TrainingArguments:
     cuda = device.type == "cuda"
+    evaluates = train.eval_steps is not None
     return TrainingArguments(
         output_dir=str(out_dir),
         max_steps=train.max_steps,
@@ -127,6 +127,11 @@ def training_arguments(train: TrainConfig, out_dir: Path, seed: int, device: tor
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
+        # The held-out loss (train/heldout.py) every eval_steps and at the last step; at step 0 too, unless resuming
+        # (run_training), so a resumed run never logs a step twice.
+        eval_strategy="steps" if evaluates else "no",
+        eval_steps=train.eval_steps,
+        per_device_eval_batch_size=train.batch_size,
         remove_unused_columns=False,
         dataloader_pin_memory=cuda,
         report_to="none",  # wandb is driven by WandbLogging, so the run id and config stay ours
@@ -142,6 +147,9 @@ class ThroughputMeter(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._mark = (time.perf_counter(), state.global_step)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._mark = (time.perf_counter(), state.global_step)  # the held-out evaluation is not training time
 
     def tokens_per_second(self, global_step: int) -> float | None:
         if self._mark is None:
@@ -178,12 +186,8 @@ class CheckpointProcesses(TrainerCallback):
 
         PartialState().wait_for_everyone()
         if state.is_world_process_zero:
-            marker = Path(args.output_dir) / f"checkpoint-{state.global_step}" / PROCESSES_FILE
-            # Written whole or not at all; by hand, since pipeline.runs needs pydantic and the benchmark runs here
-            # without it.
-            tmp = marker.with_name(f"{marker.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({"processes": args.world_size}) + "\n")
-            os.replace(tmp, marker)
+            write_json_atomic(Path(args.output_dir) / f"checkpoint-{state.global_step}" / PROCESSES_FILE,
+                              {"processes": args.world_size})
 
 
 def restart_rng(seed: int, step: int, process_index: int) -> int:
@@ -194,7 +198,8 @@ def restart_rng(seed: int, step: int, process_index: int) -> int:
 
 
 class QLoRATrainer(Trainer):
-    """The HF Trainer plus throughput, tokens seen and memory in each log, and a clean stop on a non-finite loss.
+    """The HF Trainer plus throughput, tokens seen and memory in each log, the held-out loss under the names
+    `frankenllama compare` reads, and a clean stop on a non-finite loss.
 
     Tokens seen are steps x the global batch's tokens (every block is full). The Trainer's own counter
     (include_num_input_tokens_seen) gathers a count from every process and reads it on the host before each
@@ -223,12 +228,29 @@ class QLoRATrainer(Trainer):
             return
         seed = restart_rng(self.args.seed, self.state.global_step, self.args.process_index)
         if self.args.should_save:
-            log.info("train: %s was written by %d process(es) and resumes on %d; each process restarts its random "
+            log.info("%s was written by %d process(es) and resumes on %d; each process restarts its random "
                      "streams (dropout) from a seed of (seed, step, process) (%d for this one)", checkpoint,
                      written_by, self.args.world_size, seed)
 
+    def heldout_entry(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The evaluation loop's metrics as one log entry: heldout_loss, heldout_bits_per_byte and tokens_seen (the
+        keys `frankenllama compare` reads). The loop's own eval_loss, a mean of per-batch means, is left out: with
+        padded windows it is not the per-token loss."""
+        entry = {
+            "heldout_loss": metrics["eval_heldout_loss"],
+            "heldout_bits_per_byte": metrics["eval_heldout_bits_per_byte"],
+            "heldout_tokens": metrics["eval_heldout_tokens"],
+            "heldout_seconds": metrics.get("eval_runtime"),
+            "tokens_seen": self.state.global_step * self.tokens_per_step,
+        }
+        log.info("held-out loss %.4f nats/token, %.4f bits/byte at step %d (%s tokens seen)", entry["heldout_loss"],
+                 entry["heldout_bits_per_byte"], self.state.global_step, f"{entry['tokens_seen']:,}")
+        return entry
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
+        if "eval_heldout_loss" in logs:
+            logs = self.heldout_entry(logs)
+        elif "loss" in logs:
             speed = self.throughput.tokens_per_second(self.state.global_step)
             if speed is not None:
                 logs["tokens_per_second"] = round(speed, 2)
@@ -245,11 +267,19 @@ class QLoRATrainer(Trainer):
 
 
 def build_trainer(model, dataset, train: TrainConfig, out_dir: Path, seed: int, device: torch.device,
-                  callbacks: list[TrainerCallback] | None = None) -> QLoRATrainer:
+                  callbacks: list[TrainerCallback] | None = None,
+                  heldout: HeldoutWindows | None = None) -> QLoRATrainer:
+    """The stage's Trainer; `heldout` is required when train.eval_steps is set (the held-out loss is evaluated)."""
+    if train.eval_steps is not None and heldout is None:
+        raise ValueError("train.eval_steps is set but no held-out windows were given")
+    evaluates = train.eval_steps is not None
     return QLoRATrainer(
         model=model,
         args=training_arguments(train, out_dir, seed, device),
         train_dataset=dataset,
+        eval_dataset=heldout.windows if evaluates else None,
+        compute_metrics=HeldoutMetrics(heldout) if evaluates else None,
+        preprocess_logits_for_metrics=window_sums if evaluates else None,
         data_collator=default_data_collator,
         tokens_per_step=train.batch_size * train.grad_accum * train.seq_len,
         callbacks=callbacks or [],
@@ -258,8 +288,9 @@ def build_trainer(model, dataset, train: TrainConfig, out_dir: Path, seed: int, 
 
 def run_training(trainer: QLoRATrainer, resume_from: Path | None, out_dir: Path) -> None:
     """Train to max_steps (from `resume_from` if given); a non-finite loss ends in a one-line error."""
+    trainer.args.eval_on_start = resume_from is None and trainer.args.eval_strategy != "no"
     if resume_from is not None:
-        log.info("train: resuming from %s", resume_from)
+        log.info("resuming from %s", resume_from)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if trainer.non_finite_step is not None:
         last = newest_complete_checkpoint(out_dir)
