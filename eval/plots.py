@@ -14,19 +14,19 @@ from eval.stats import Estimate
 
 
 def plot_training_loss(log_history: list[dict], path: Path) -> bool:
-    """Loss (and eval loss, if logged) against step from the HF Trainer's state.log_history.
+    """Loss (and the held-out loss the train stage logs every train.eval_steps) against step, from log_history.json.
 
     Returns False, writing nothing, when the history holds no loss entries.
     """
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-    held_out = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    held_out = [(e["step"], e["heldout_loss"]) for e in log_history if "heldout_loss" in e and "step" in e]
     if not train and not held_out:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", marker="." if len(train) < 30 else None)
     if held_out:
-        ax.plot(*zip(*held_out, strict=True), label="eval loss", marker="o")
+        ax.plot(*zip(*held_out, strict=True), label="held-out loss", marker="o")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Training loss")
