@@ -453,8 +453,13 @@ def disk_checks(config: RunConfig, facts: list[ModelFacts], shapes: RunShapes, s
 # ---- the rest ------------------------------------------------------------------------------------------------
 
 def bitsandbytes_check(device: Device) -> Check:
-    """Quantize and dequantize one small matrix with NF4 where training will run; a zero block must stay zero
-    (the surgery's zero blocks are what keep the widened model exact)."""
+    """Quantize and dequantize one small matrix with NF4 where training will run, with an all-zero block in it.
+
+    A wrong round trip means a broken install. An all-zero block that comes back non-zero is what bitsandbytes'
+    double-quantized NF4 does on CUDA (the rehearsal saw it on an H200: the 64 zeros of a block are coded against
+    an absmax of 0, and the absmax's own 8-bit quantization hands back a tiny non-zero one): the surgery's zero
+    writer rows then write a little into the new dims, so the NF4 widened model is close to, not exactly, the NF4
+    base. Worth knowing, not a reason to stop."""
     import torch
 
     where = "cuda" if device.name else "cpu"
@@ -469,15 +474,20 @@ def bitsandbytes_check(device: Device) -> Check:
         weight[:64] = 0
         packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
         restored = bnbf.dequantize_4bit(packed, state).float()
-        error = ((restored - weight.float()).abs().max() / weight.float().abs().max()).item()
-        zero_kept = bool((restored[:64] == 0).all())
+        error = ((restored[64:] - weight[64:].float()).abs().max() / weight.float().abs().max()).item()
+        leak = restored[:64].abs().max().item() / weight.float().abs().max().item()
     except Exception as err:
         return Check("bitsandbytes", "fail", f"bitsandbytes {bnb.__version__}: NF4 fails on {where} "
                      f"({error_reason(err)})", "install a bitsandbytes build for this CUDA, or set "
                      "train.quantization=none")
-    if not (error < 0.2 and zero_kept):
-        return Check("bitsandbytes", "fail", f"NF4 on {where} restores wrong values (max error {error:.2g}, "
-                     f"zero block kept: {zero_kept})", "reinstall bitsandbytes")
+    if not error < 0.2:
+        return Check("bitsandbytes", "fail", f"NF4 on {where} restores wrong values (max error {error:.2g} of the "
+                     "largest weight)", "reinstall bitsandbytes")
+    if leak > 0:
+        return Check("bitsandbytes", "warn", f"bitsandbytes {bnb.__version__}: NF4 works on {where}, but an all-zero "
+                     f"block comes back non-zero (up to {leak:.1g} of the largest weight)",
+                     "nothing to fix: the NF4 widened model is then close to the NF4 base, not exactly it "
+                     "(README, Train)")
     return Check("bitsandbytes", "ok", f"bitsandbytes {bnb.__version__}: NF4 works on {where} (zero blocks stay zero)")
 
 
