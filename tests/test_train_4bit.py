@@ -1,18 +1,22 @@
 """The NF4 path on the real SmolLM2: LoRA gradients still reach q_proj after an eval-mode generate() (the
-AVX512-BF16 repacking trap of bitsandbytes on CPU), and the stage's own Trainer takes a few real steps."""
+AVX512-BF16 repacking trap of bitsandbytes on CPU), and the stage's own Trainer takes a few real steps; and the
+surgery's all-zero blocks stay exactly zero in NF4."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
 
 import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from pipeline.config import LoraSettings, TrainConfig, WandbConfig
 from train.data import BUNDLED_SOURCES, PackedBlocks, make_tokenize, pack_documents
-from train.model import load_for_training
+from train.model import code_zero_blocks_exactly, load_base_model, load_for_training, zero_blocks
 from train.trainer import build_trainer
 
 
@@ -90,3 +94,37 @@ def test_bf16_compute_keeps_an_fp32_residual_stream_so_small_lora_deltas_survive
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=ids, labels=ids).loss.backward()
     assert q_proj_lora(model, 0, "A").grad.abs().sum() > 0
+
+
+def test_all_zero_nf4_blocks_are_coded_as_exact_zeros():
+    """On CUDA bitsandbytes codes a block of all-zero weights against an absmax of 0, and the double-quantized absmax
+    comes back tiny but non-zero, so any code but NF4's 0 leaks into the surgery's zero blocks (seen on an H200).
+    Reproduced on CPU by giving those blocks another code; coding them as 0 restores exact zeros, nothing else."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256) * 0.02
+    weight[:16] = 0  # 64 all-zero blocks of 64 weights
+    weight[20, :3] = 0  # zeros inside a block that is not all zero stay NF4's business
+    packed = bnb.nn.Params4bit(weight.clone(), requires_grad=False, compress_statistics=True,
+                               quant_type="nf4").to("cpu")
+    state = packed.quant_state
+    as_quantized = bnbf.dequantize_4bit(packed.data, state)
+    packed.data.view(-1).view(torch.uint8)[: 16 * 256 // 2] = 0x00  # the blocks coded like CUDA codes them
+    assert bnbf.dequantize_4bit(packed.data, state)[:16].abs().max() > 0  # the leak
+    assert code_zero_blocks_exactly(packed, zero_blocks(weight, state.blocksize), state.blocksize) == 64
+    restored = bnbf.dequantize_4bit(packed.data, state)
+    assert torch.equal(restored[:16], torch.zeros(16, 256))
+    assert torch.equal(restored, as_quantized)
+
+
+def test_the_nf4_loader_codes_every_all_zero_block_of_the_checkpoint(tiny_llama, caplog):
+    folder = tiny_llama("zeros")
+    weights_file = folder / "model.safetensors"
+    tensors = load_file(weights_file)
+    tensors["model.layers.1.self_attn.o_proj.weight"][:4] = 0  # 4 rows of 32 weights: blocks 0 and 1 of 64
+    tensors["model.layers.0.mlp.down_proj.weight"][:, :] = 0  # 32 x 64 weights: 32 blocks
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    with caplog.at_level(logging.INFO, logger="train.model"):
+        model = load_base_model(folder, "nf4", torch.device("cpu"))
+    assert "34 all-zero blocks of the checkpoint coded as exact zeros" in caplog.text
+    down = model.model.layers[0].mlp.down_proj
+    assert torch.equal(bnbf.dequantize_4bit(down.weight.data, down.weight.quant_state).float(), torch.zeros(32, 64))

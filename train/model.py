@@ -69,7 +69,60 @@ def nf4_round_trip(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
         compress_statistics=settings.bnb_4bit_use_double_quant, quant_type=settings.bnb_4bit_quant_type,
         quant_storage=settings.bnb_4bit_quant_storage,
     ).to(device)
+    blocksize = quantized.quant_state.blocksize
+    code_zero_blocks_exactly(quantized, zero_blocks(weight, blocksize), blocksize)  # as load_base_model does
     return bnbf.dequantize_4bit(quantized.data, quantized.quant_state)
+
+
+# bitsandbytes' NF4 table holds 0.0 exactly at index 7; one byte packs two 4-bit codes.
+NF4_ZERO_BYTE = 0x77
+
+
+def zero_blocks(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Which blocks of `blocksize` consecutive weights (bitsandbytes' 4-bit blocks, over the row-major flattening)
+    are all zero; a last, partial block counts as one."""
+    flat = weight.reshape(-1)
+    pad = -flat.numel() % blocksize
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, blocksize).eq(0).all(dim=1)
+
+
+def code_zero_blocks_exactly(packed: torch.Tensor, blocks: torch.Tensor, blocksize: int) -> int:
+    """Give every weight of the all-zero `blocks` NF4's exact 0 in the packed 4-bit data; returns how many blocks.
+
+    On CUDA, bitsandbytes codes a block whose weights are all 0 against an absmax of 0, and the double-quantized
+    absmax comes back as a tiny non-zero number, so the block dequantizes to small non-zero values (the GPU
+    rehearsal saw it for every all-zero block of a 22b-width widening: benchmarks/RESULTS.md). The surgery's exact
+    modes are made of such blocks (the top-right 0 of every linear, `readers`' writer rows, new layers' writers);
+    coded as 0 they give back exactly 0, whatever the absmax. On CPU bitsandbytes already codes them so.
+    """
+    data = packed.data.view(-1).view(torch.uint8)  # a view: the writes land in the parameter (view fails otherwise)
+    byte_mask = blocks.to(data.device).repeat_interleave(blocksize // 2)[: data.numel()]
+    data[byte_mask] = NF4_ZERO_BYTE
+    return int(blocks.sum())
+
+
+def keep_zero_blocks_zero(model: torch.nn.Module, model_dir: Path) -> int:
+    """Code every block of 4-bit weights that is all zero in the checkpoint as exact zeros (see
+    code_zero_blocks_exactly); reads the stored weights one tensor at a time. Returns how many blocks it found.
+
+    Weights on the meta device (the other processes of an FSDP load, which receive the first process's) are skipped.
+    """
+    import bitsandbytes as bnb
+
+    from pipeline.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(model_dir)
+    found = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or module.weight.device.type == "meta":
+            continue
+        blocksize = module.weight.quant_state.blocksize
+        blocks = zero_blocks(reader.get(f"{name}.weight"), blocksize)
+        if blocks.any():
+            found += code_zero_blocks_exactly(module.weight, blocks, blocksize)
+    return found
 
 
 def load_base_model(model_dir: Path, quantization: str, device: torch.device, sharded: bool = False):
@@ -85,12 +138,17 @@ def load_base_model(model_dir: Path, quantization: str, device: torch.device, sh
         kwargs["quantization_config"] = nf4_config(compute_dtype(device), sharded)
     log.info("model: loading %s (%s weights, %s compute on %s)", model_dir, quantization, kwargs["dtype"], device)
     try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as err:
         reason = error_reason(err)
         raise UserError(
             f"cannot load the model from {model_dir} ({reason}); check the folder is a complete HF model"
         ) from None
+    if quantization == "nf4":
+        blocks = keep_zero_blocks_zero(model, model_dir)
+        if blocks:
+            log.info("model: %s all-zero blocks of the checkpoint coded as exact zeros in NF4", f"{blocks:,}")
+    return model
 
 
 def keep_cpu_4bit_weights_trainable(model: torch.nn.Module) -> int:
