@@ -457,9 +457,9 @@ def bitsandbytes_check(device: Device) -> Check:
 
     A wrong round trip means a broken install. An all-zero block that comes back non-zero is what bitsandbytes'
     double-quantized NF4 does on CUDA (the rehearsal saw it on an H200: the 64 zeros of a block are coded against
-    an absmax of 0, and the absmax's own 8-bit quantization hands back a tiny non-zero one): the surgery's zero
-    writer rows then write a little into the new dims, so the NF4 widened model is close to, not exactly, the NF4
-    base. Worth knowing, not a reason to stop."""
+    an absmax of 0, and the absmax's own 8-bit quantization hands back a tiny non-zero one); the train stage codes
+    the checkpoint's all-zero blocks as exact zeros after loading (train.model.keep_zero_blocks_zero), so it is
+    worth knowing, not a reason to stop."""
     import torch
 
     where = "cuda" if device.name else "cpu"
@@ -486,8 +486,8 @@ def bitsandbytes_check(device: Device) -> Check:
     if leak > 0:
         return Check("bitsandbytes", "warn", f"bitsandbytes {bnb.__version__}: NF4 works on {where}, but an all-zero "
                      f"block comes back non-zero (up to {leak:.1g} of the largest weight)",
-                     "nothing to fix: the NF4 widened model is then close to the NF4 base, not exactly it "
-                     "(README, Train)")
+                     "nothing to fix: the train stage codes the checkpoint's all-zero blocks as exact zeros after "
+                     "loading (README, Train)")
     return Check("bitsandbytes", "ok", f"bitsandbytes {bnb.__version__}: NF4 works on {where} (zero blocks stay zero)")
 
 
