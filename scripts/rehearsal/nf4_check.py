@@ -26,12 +26,16 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
 
 
 def load(folder: Path, nf4: bool, device: torch.device, dtype: torch.dtype):
+    """NF4 exactly as the train stage loads it (train.model.load_base_model, zero blocks coded included), or the
+    stored weights in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    from train.model import nf4_config
+    from train.model import load_base_model
 
-    kwargs = {"quantization_config": nf4_config(dtype)} if nf4 else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": str(device)}, **kwargs)
+    if nf4:
+        model = load_base_model(folder, "nf4", device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": str(device)})
     model.config.use_cache = False
     return model.eval()
 
