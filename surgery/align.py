@@ -22,8 +22,8 @@ from typing import get_args
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import CheckpointReader, ShardedWriter, TensorSpec, parse_size
-from pipeline.config import AlignMethod, DType, UnitSelection
+from pipeline.checkpoint import CheckpointReader, ShardedWriter, TensorSpec
+from pipeline.config import AlignMethod, DType, UnitSelection, shard_size_bytes
 from pipeline.errors import UserError
 from pipeline.logits import LogitAgreement, logit_agreement
 from pipeline.models import TOKENIZER_FILES, resolve_model
@@ -149,6 +149,10 @@ def align_main(argv: list[str]) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise UserError(f"output {out} already exists; pass --force to replace it or choose another --out")
+    try:
+        shard_size_bytes(args.max_shard_size)
+    except ValueError as err:
+        raise UserError(f"--max-shard-size: {err}") from None
     if args.method == "none" and args.select == "index":
         raise UserError("--method none with --select index leaves the donor as it is; choose --method permutation "
                         "or rotation, or --select output")
@@ -172,7 +176,7 @@ def align_main(argv: list[str]) -> int:
                         f"{free / 1e9:.2f} GB is free there; free some space, choose another --out, or a smaller "
                         "--dtype")
     with atomic_output_dir(out, force=args.force) as tmp:
-        writer = ShardedWriter(tmp, specs, parse_size(args.max_shard_size))
+        writer = ShardedWriter(tmp, specs, args.max_shard_size)
         for name in tqdm(shapes, desc="aligned donor", unit="tensor"):
             writer.write(name, reader.get(name).to(DTYPES[dtype]))
         writer.close()

@@ -274,6 +274,8 @@ def test_alignment_is_refused_where_it_means_nothing(tiny_llama, tmp_path, capsy
     refused(capsys, [*common, "--donor", str(donor), "--legacy", "--mode", "block_diagonal", "--select", "output"],
             "drop --select or --legacy", out)
     refused(capsys, ["align", *common, "--donor", str(donor), "--method", "none"], "leaves the donor as it is", out)
+    refused(capsys, ["align", *common, "--donor", str(donor), "--method", "permutation", "--max-shard-size", "2GiB"],
+            "--max-shard-size: shard size '2GiB' not understood", out)
     # the dry run says what a rotation will cost
     assert surgery_main([*common, "--donor", str(donor), "--align", "rotation", "--select", "output", "--dry-run"]) == 0
     printed = capsys.readouterr().out
