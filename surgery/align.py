@@ -30,11 +30,12 @@ from pipeline.models import TOKENIZER_FILES, resolve_model
 from pipeline.runs import atomic_output_dir, refuse_overlap, write_manifest
 from surgery.aligned_donor import AlignedDonorReader, aligned_donor_shape, fit_alignment
 from surgery.alignment import coordinate_correlation
-from surgery.calibration import StreamedLlama, calibration_ids, compute_device
+from surgery.calibration import calibration_ids, layer_passes
 from surgery.depth import donor_layer_sources
 from surgery.execute import DISK_MARGIN_BYTES, free_disk_bytes
 from surgery.plan import DTYPES, EMBED, check_checkpoint, expected_tensors
 from surgery.shapes import ModelShape, check_donor_matches, read_model_shape
+from surgery.streamed_llama import StreamedLlama, compute_device
 
 log = logging.getLogger("surgery")
 
@@ -103,7 +104,7 @@ def _pass(stream: StreamedLlama, ids: list[torch.Tensor], count: int, desc: str)
     """Hidden states after the embedding and after every layer (first positions left out), and the logits."""
     hidden = stream.embed(ids)
     states = [_tokens(hidden)]
-    for done in stream.layers(hidden, count, desc=desc):
+    for done in layer_passes(stream, hidden, count, desc=desc):
         states.append(_tokens(done.hidden))
         hidden = done.hidden
     return states, stream.logits(hidden)
