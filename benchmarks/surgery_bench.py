@@ -88,9 +88,7 @@ def write_random_llama(folder: Path, widths: dict[str, int], layers: int, seed: 
 
     folder.mkdir(parents=True)
     specs = llama_specs(widths, layers)
-    from pipeline.checkpoint import parse_size
-
-    writer = ShardedWriter(folder, specs, parse_size(INPUT_SHARD))
+    writer = ShardedWriter(folder, specs, INPUT_SHARD)
     generator = torch.Generator().manual_seed(seed)
     for spec in specs:
         if spec.name.endswith("norm.weight"):

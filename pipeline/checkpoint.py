@@ -3,7 +3,8 @@
 The reader is an index of which tensor lives in which shard plus `safe_open` on demand. The writer is given
 the whole output plan (names, dtypes, shapes) up front, so it can lay out every shard header before any
 tensor is computed and then append each tensor's bytes as it arrives: peak memory is one tensor, whatever
-the shard size or the layer count.
+the shard size or the layer count. Which tensors share a shard is huggingface_hub's split (save_pretrained's);
+the header-first streaming is what the library does not offer (its writers take tensors that already exist).
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import safe_open
 
 from pipeline.errors import UserError
@@ -41,19 +42,6 @@ _SAFETENSORS_DTYPES = {
 }
 
 _TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' -> 5e9 bytes (HF's convention: decimal units; 'GiB' is binary)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
-    if not match:
-        raise UserError(f"size {size!r} not understood; write it like 5GB, 500MB or 2GiB")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(number * base**power)
 
 
 def _torch_dtype(code: str, where: str) -> torch.dtype:
@@ -249,17 +237,15 @@ class TensorSpec:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
-def assign_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Split tensors, in order, into shards no larger than max_shard_bytes (a bigger tensor gets its own)."""
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards
+def assign_shards(specs: Sequence[TensorSpec], max_shard_size: int | str) -> list[list[TensorSpec]]:
+    """Group planned tensors into shards by huggingface_hub's split, the one transformers' save_pretrained uses: in
+    order, a new shard when the next tensor would take the current one past `max_shard_size` (bytes, or "5GB"); a
+    tensor larger than that gets a shard of its own, numbered before the shard still being filled."""
+    planned = {spec.name: spec for spec in specs}
+    split = split_state_dict_into_shards_factory(planned, get_storage_size=lambda spec: spec.nbytes,
+                                                 filename_pattern="model{suffix}.safetensors",
+                                                 max_shard_size=max_shard_size)
+    return [[planned[name] for name in names] for names in split.filename_to_tensors.values()]
 
 
 def safetensors_header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
@@ -280,33 +266,37 @@ def safetensors_header(specs: Sequence[TensorSpec], metadata: dict[str, str]) ->
 
 
 class ShardedWriter:
-    """Write a planned set of tensors into HF-style shards, one tensor at a time, in plan order."""
+    """Write a planned set of tensors into HF-style shards, one tensor at a time, in plan order.
 
-    def __init__(self, folder: Path, specs: Sequence[TensorSpec], max_shard_bytes: int):
+    Each shard's file is opened (its header written) when its first tensor arrives and closed after its last, so a
+    tensor with a shard of its own (larger than the limit) may come while another shard is still being filled.
+    """
+
+    def __init__(self, folder: Path, specs: Sequence[TensorSpec], max_shard_size: int | str):
         self.folder = Path(folder)
-        self.shards = assign_shards(specs, max_shard_bytes)
+        self.shards = assign_shards(specs, max_shard_size)
         count = len(self.shards)
+        # always numbered, even one shard (which save_pretrained would call model.safetensors), with an index
         self.shard_names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        self._order = [spec for shard in self.shards for spec in shard]
+        self._order = list(specs)
         self._shard_of = {spec.name: i for i, shard in enumerate(self.shards) for spec in shard}
+        self._unwritten = [len(shard) for shard in self.shards]
+        self._files: dict[int, Any] = {}
         self._next = 0
-        self._file = None
-        self._current_shard = -1
         self.bytes_written = 0
 
     def _open_shard(self, index: int) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file = open(self.folder / self.shard_names[index], "wb", buffering=0)  # noqa: SIM115 (closed in write/close)
-        self._write_all(memoryview(safetensors_header(self.shards[index], {"format": "pt"})))
-        self._current_shard = index
+        file = open(self.folder / self.shard_names[index], "wb", buffering=0)  # noqa: SIM115 (closed in write/close)
+        self._files[index] = file
+        self._write_all(file, memoryview(safetensors_header(self.shards[index], {"format": "pt"})))
 
-    def _write_all(self, data: memoryview) -> None:
+    @staticmethod
+    def _write_all(file, data: memoryview) -> None:
         """Unbuffered writes of at most 64 MiB: no extra copy through a Python buffer (the buffered path was
         about 2x slower for multi-GB shards); a raw write may take fewer bytes than offered, hence the loop."""
         done = 0
         while done < len(data):
-            done += self._file.write(data[done : done + WRITE_CHUNK])
+            done += file.write(data[done : done + WRITE_CHUNK])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor of the plan; its name, dtype and shape must match the plan exactly."""
@@ -316,22 +306,25 @@ class ShardedWriter:
                 f"writer expected {spec.name} {spec.shape} {spec.dtype}, "
                 f"got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
-        if self._shard_of[name] != self._current_shard:
-            self._open_shard(self._shard_of[name])
+        shard = self._shard_of[name]
+        if shard not in self._files:
+            self._open_shard(shard)
         data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-        self._write_all(data)
+        self._write_all(self._files[shard], data)
         self.bytes_written += len(data)
         self._next += 1
+        self._unwritten[shard] -= 1
+        if not self._unwritten[shard]:
+            file = self._files.pop(shard)
+            if self._next == len(self._order):  # the last shard finished: on disk before the index and manifest
+                file.flush()
+                os.fsync(file.fileno())
+            file.close()
 
     def close(self) -> None:
-        """Finish the last shard and write the index; refuses if the plan was not fully written."""
+        """Write the index once every shard is complete; refuses if the plan was not fully written."""
         if self._next != len(self._order):
             raise RuntimeError(f"writer closed after {self._next} of {len(self._order)} tensors")
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
         total = sum(spec.nbytes for spec in self._order)
         index = {
             "metadata": {"total_size": total},

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
 
@@ -28,6 +28,27 @@ AlignMethod = Literal["none", "permutation", "rotation"]
 # Which donor heads and neurons land in the grafted positions: by index, or those with the largest output.
 UnitSelection = Literal["index", "output"]
 MergeInto = Literal["dequantized_nf4", "base"]
+
+
+def shard_size_bytes(size: str) -> int:
+    """Bytes in a `max_shard_size`, read as transformers' save_pretrained reads its own ("5GB" is 5e9 bytes; KB, MB,
+    GB, TB, decimal): by huggingface_hub's parser, the one its shard split applies (pipeline.checkpoint), so a size
+    accepted here is the size the writer splits by."""
+    from huggingface_hub.serialization._base import parse_size_to_int  # the split's own parser (not re-exported)
+
+    try:
+        return parse_size_to_int(size)
+    except ValueError:
+        raise ValueError(f"shard size {size!r} not understood; write it like 5GB or 500MB (KB, MB, GB or TB)") from None
+
+
+def _known_shard_size(size: str) -> str:
+    shard_size_bytes(size)
+    return size
+
+
+# Checked when the config is read, not when the first shard is written hours later (train's export).
+ShardSize = Annotated[str, AfterValidator(_known_shard_size)]
 
 
 class StrictModel(BaseModel):
@@ -63,7 +84,7 @@ class SurgeryConfig(StrictModel):
     # layer of that position cut to the target widths, copy = the widened base layer before it (LLaMA-Pro).
     # None: donor with a real donor, copy with a random one.
     new_layers: NewLayers | None = None
-    max_shard_size: str = "5GB"
+    max_shard_size: ShardSize = "5GB"
     align: AlignMethod = "none"
     select: UnitSelection = "index"
 
@@ -150,7 +171,7 @@ class TrainConfig(StrictModel):
     recipe: Literal["fast", "plain"] = "fast"
     # Like num_gpus below, the levers change how fast the stage runs, not what it computes: kept out of fingerprints.
     fast: FastRecipeConfig = Field(default_factory=FastRecipeConfig, exclude=True)
-    max_shard_size: str = "5GB"  # shards of the merged export
+    max_shard_size: ShardSize = "5GB"  # shards of the merged export
     # What the merged export adds the adapter to (train/export.py): the NF4 weights training saw, each quantized as
     # loading does and dequantized (closer to the trained model: benchmarks/RESULTS.md, Export fidelity), or the
     # stored base weights. With quantization none both are the stored weights.

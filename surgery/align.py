@@ -22,19 +22,20 @@ from typing import get_args
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import CheckpointReader, ShardedWriter, TensorSpec, parse_size
-from pipeline.config import AlignMethod, DType, UnitSelection
+from pipeline.checkpoint import CheckpointReader, ShardedWriter, TensorSpec
+from pipeline.config import AlignMethod, DType, UnitSelection, shard_size_bytes
 from pipeline.errors import UserError
 from pipeline.logits import LogitAgreement, logit_agreement
 from pipeline.models import TOKENIZER_FILES, resolve_model
 from pipeline.runs import atomic_output_dir, refuse_overlap, write_manifest
 from surgery.aligned_donor import AlignedDonorReader, aligned_donor_shape, fit_alignment
 from surgery.alignment import coordinate_correlation
-from surgery.calibration import StreamedLlama, calibration_ids, compute_device
+from surgery.calibration import calibration_ids, layer_passes
 from surgery.depth import donor_layer_sources
 from surgery.execute import DISK_MARGIN_BYTES, free_disk_bytes
 from surgery.plan import DTYPES, EMBED, check_checkpoint, expected_tensors
 from surgery.shapes import ModelShape, check_donor_matches, read_model_shape
+from surgery.streamed_llama import StreamedLlama, compute_device
 
 log = logging.getLogger("surgery")
 
@@ -103,7 +104,7 @@ def _pass(stream: StreamedLlama, ids: list[torch.Tensor], count: int, desc: str)
     """Hidden states after the embedding and after every layer (first positions left out), and the logits."""
     hidden = stream.embed(ids)
     states = [_tokens(hidden)]
-    for done in stream.layers(hidden, count, desc=desc):
+    for done in layer_passes(stream, hidden, count, desc=desc):
         states.append(_tokens(done.hidden))
         hidden = done.hidden
     return states, stream.logits(hidden)
@@ -149,6 +150,10 @@ def align_main(argv: list[str]) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise UserError(f"output {out} already exists; pass --force to replace it or choose another --out")
+    try:
+        shard_size_bytes(args.max_shard_size)
+    except ValueError as err:
+        raise UserError(f"--max-shard-size: {err}") from None
     if args.method == "none" and args.select == "index":
         raise UserError("--method none with --select index leaves the donor as it is; choose --method permutation "
                         "or rotation, or --select output")
@@ -172,7 +177,7 @@ def align_main(argv: list[str]) -> int:
                         f"{free / 1e9:.2f} GB is free there; free some space, choose another --out, or a smaller "
                         "--dtype")
     with atomic_output_dir(out, force=args.force) as tmp:
-        writer = ShardedWriter(tmp, specs, parse_size(args.max_shard_size))
+        writer = ShardedWriter(tmp, specs, args.max_shard_size)
         for name in tqdm(shapes, desc="aligned donor", unit="tensor"):
             writer.write(name, reader.get(name).to(DTYPES[dtype]))
         writer.close()

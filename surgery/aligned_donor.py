@@ -37,9 +37,10 @@ from surgery.alignment import (
     relative_residual,
 )
 from surgery.blocks import norm_compensation
-from surgery.calibration import StreamedLlama, calibration_ids, compute_device
+from surgery.calibration import calibration_ids, layer_passes
 from surgery.plan import EMBED, FINAL_NORM, LAYER_NORMS, LINEARS, LM_HEAD, SurgeryPlan, layer_prefix
 from surgery.shapes import ModelShape, Widths, read_model_shape
+from surgery.streamed_llama import StreamedLlama, compute_device
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ def select_units_by_output(
     hidden = stream.embed(calibration_ids(base.folder, base.vocab_size))
     orders: dict[int, UnitOrder] = {}
     picks: dict[str, dict] = {}
-    for done in stream.layers(hidden, max(wanted) + 1, wanted, desc="scoring donor units"):
+    for done in layer_passes(stream, hidden, max(wanted) + 1, wanted, desc="scoring donor units"):
         if done.index not in wanted:
             continue
         index, o_proj, down_proj = done.index, done.layer.self_attn.o_proj.weight, done.layer.mlp.down_proj.weight

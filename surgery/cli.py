@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, get_args
 
-from pipeline.checkpoint import CheckpointReader, TensorIndex, parse_size
+from pipeline.checkpoint import CheckpointReader, TensorIndex
 from pipeline.config import (
     AlignMethod,
     DType,
@@ -29,6 +29,7 @@ from pipeline.config import (
     UnitSelection,
     apply_override,
     load_config,
+    shard_size_bytes,
     validate_config,
 )
 from pipeline.errors import UserError, run_cli
@@ -162,7 +163,7 @@ def make_plan(settings: SurgeryConfig, weights: bool = True) -> SurgeryPlan:
         layer_map=settings.layer_map if "layer_map" in settings.model_fields_set else None,
         dtype=settings.dtype,
         seed=settings.seed,
-        max_shard_bytes=parse_size(settings.max_shard_size),
+        max_shard_bytes=shard_size_bytes(settings.max_shard_size),
         num_hidden_layers=settings.target.num_hidden_layers,
         new_layers=settings.new_layers,
     )

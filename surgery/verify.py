@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.checkpoint import CheckpointReader
 from pipeline.errors import UserError
 from pipeline.logits import logit_agreement
 from pipeline.runs import read_manifest
 from surgery.depth import LayerSource
 from surgery.plan import DTYPES, EMBED, FINAL_NORM, LAYER_NORMS, LINEARS, LM_HEAD, layer_prefix
-from surgery.shapes import Widths
-from surgery.streamed_llama import StreamedLlama
+from surgery.shapes import Widths, read_model_shape
+from surgery.streamed_llama import StreamedLlama, compute_device, text_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +160,7 @@ def _positions(positions: list[int]) -> str:
 
 def fixed_token_ids(base_folder: Path, vocab_size: int) -> torch.Tensor:
     """FIXED_TEXT through the base's tokenizer; seeded token ids when the folder has no tokenizer."""
-    has_tokenizer = any((base_folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
-    if has_tokenizer:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(base_folder)(FIXED_TEXT, return_tensors="pt").input_ids
-    log.info("%s has no tokenizer; using %d seeded random token ids instead of text", base_folder, FALLBACK_TOKENS)
-    return torch.randint(vocab_size, (1, FALLBACK_TOKENS), generator=torch.Generator().manual_seed(0))
+    return text_token_ids(base_folder, [FIXED_TEXT], vocab_size, FALLBACK_TOKENS)[0]
 
 
 Region = tuple[slice, ...]
@@ -244,18 +239,17 @@ def forward_side_by_side(base: StreamedLlama, out: StreamedLlama, sources: list[
     """The fixed text through both models side by side, one decoder layer in memory at a time; the output's
     residual is compared with the base's after every base layer."""
     d = base.hidden_size
-    base_inputs, out_inputs = base.position_inputs(ids.shape[1]), out.position_inputs(ids.shape[1])
-    hidden_base, hidden_out = base.embed(ids), out.embed(ids)
+    [hidden_base], [hidden_out] = base.embed([ids]), out.embed([ids])
     trace = ForwardTrace(boundaries=[hidden_out])
     for position, source in enumerate(tqdm(sources, desc="verify: forward", unit="layer")):
         layer = out.layer(position)
-        following = layer(hidden_out, **out_inputs)
+        following = out.run(layer, hidden_out)
         del layer
         if source.is_new:
             trace.new_layers_identity &= torch.equal(following, hidden_out)
         else:
             base_layer = base.layer(source.base_layer)
-            hidden_base = base_layer(hidden_base, **base_inputs)
+            hidden_base = base.run(base_layer, hidden_base)
             del base_layer
             delta = (following[..., :d] - hidden_base).abs().max().item() / max(hidden_base.abs().max().item(), 1e-30)
             if not delta <= trace.residual_relative_delta:  # also takes a NaN, which must not hide
@@ -266,10 +260,6 @@ def forward_side_by_side(base: StreamedLlama, out: StreamedLlama, sources: list[
         trace.boundaries.append(hidden_out)
     trace.base_final = hidden_base
     return trace
-
-
-def base_logits(base: StreamedLlama, hidden: torch.Tensor) -> torch.Tensor:
-    return base.final_norm()(hidden)[0] @ base.lm_head().T
 
 
 def backward_layer_by_layer(out: StreamedLlama, sources: list[LayerSource], ids: torch.Tensor,
@@ -291,11 +281,10 @@ def backward_layer_by_layer(out: StreamedLlama, sources: list[LayerSource], ids:
     if not out.tied:
         norms.add_widened(LM_HEAD, head.grad)
     del head, final_norm, last
-    inputs = out.position_inputs(ids.shape[1])
     for position in tqdm(reversed(range(len(sources))), total=len(sources), desc="verify: backward", unit="layer"):
         layer = out.layer(position).requires_grad_()
         incoming = boundaries.pop().requires_grad_()
-        layer(incoming, **inputs).backward(grad)
+        out.run(layer, incoming).backward(grad)
         for name, param in layer.named_parameters():
             full_name = f"{layer_prefix(position)}{name}"
             if sources[position].is_new:
@@ -324,7 +313,7 @@ def layer_sources(plan: dict) -> list[LayerSource]:
 
 def pick_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return compute_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but torch sees no CUDA GPU here; use --device cpu (or auto)")
     return torch.device(device)
@@ -352,8 +341,9 @@ def verify(base_folder: Path, out_folder: Path, device: str = "auto") -> VerifyR
     # The half-precision rule: the base's weights rounded through the output dtype, so storage rounding is not
     # counted as surgery error.
     half = None if plan["dtype"] == "float32" else DTYPES[plan["dtype"]]
-    base = StreamedLlama(base_folder, where, round_through=half)
-    out = StreamedLlama(out_folder, where)
+    base = StreamedLlama(CheckpointReader(base_folder), read_model_shape(base_folder, "base").config, where,
+                         round_through=half)
+    out = StreamedLlama(CheckpointReader(out_folder), read_model_shape(out_folder, "surgery output").config, where)
     base_depth = sum(not source.is_new for source in sources)
     if base.hidden_size != base_widths.hidden_size or base.num_hidden_layers != base_depth:
         raise UserError(
@@ -372,10 +362,10 @@ def verify(base_folder: Path, out_folder: Path, device: str = "auto") -> VerifyR
     with full_fp32_matmuls():
         with torch.no_grad():
             trace = forward_side_by_side(base, out, sources, ids)
-            reference = base_logits(base, trace.base_final)
+            reference = base.logits([trace.base_final])
         log.info("running the gradient probe, one layer at a time from the loss back")
         loss, logits = backward_layer_by_layer(out, sources, ids, trace.boundaries, norms)
-    agreement = logit_agreement([reference.cpu()], [logits.cpu()])
+    agreement = logit_agreement(reference, [logits.cpu()])
     new_grad, base_grad, new_layer_grad = norms.norms()
     return VerifyReport(
         tokens=ids.shape[1],

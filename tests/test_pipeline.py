@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import CheckpointReader, ShardedWriter, TensorSpec, parse_size
-from pipeline.config import load_config, section_fingerprint
+from pipeline.checkpoint import CheckpointReader, ShardedWriter, TensorSpec
+from pipeline.config import load_config, section_fingerprint, shard_size_bytes
 from pipeline.errors import UserError
 from pipeline.runs import atomic_output_dir, read_manifest, write_manifest
 
@@ -28,6 +29,7 @@ def test_every_shipped_config_validates():
         ("surgery.mdoe=zero", "unknown key 'surgery.mdoe'"),
         ("train.max_steps=ten", "train.max_steps"),
         ("surgery.mode=diagonal", "surgery.mode"),
+        ("train.max_shard_size=2GiB", "train.max_shard_size"),
         ("nonsense", "dotted.key=value"),
     ],
 )
@@ -85,25 +87,30 @@ def test_sharded_writer_roundtrips_through_safetensors_and_transformers_layout(t
         "d": torch.randn(4, 4),
     }
     specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
-    writer = ShardedWriter(tmp_path, specs, max_shard_bytes=40)
-    for name, tensor in tensors.items():
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "library").mkdir()
+    writer = ShardedWriter(tmp_path / "ours", specs, max_shard_size=40)
+    for name, tensor in tensors.items():  # in plan order, although "d" (64 bytes) gets a shard before b and c's
         writer.write(name, tensor)
     writer.close()
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
+    # the shards huggingface_hub's own writer (save_pretrained's split) makes of the same tensors
+    save_torch_state_dict(tensors, tmp_path / "library", max_shard_size=40)
+    assert index == json.loads((tmp_path / "library" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == len(writer.shard_names) > 1
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     loaded = {}
     for shard in writer.shard_names:
-        loaded.update(load_file(tmp_path / shard))
+        loaded.update(load_file(tmp_path / "ours" / shard))
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name], tensor)
-    reader = CheckpointReader(tmp_path)
+    reader = CheckpointReader(tmp_path / "ours")
     assert reader.names == sorted(tensors)
     assert torch.equal(reader.get("c"), tensors["c"])
 
 
 def test_writer_refuses_tensors_off_plan(tmp_path):
-    writer = ShardedWriter(tmp_path, [TensorSpec("a", (2,), torch.float32)], max_shard_bytes=100)
+    writer = ShardedWriter(tmp_path, [TensorSpec("a", (2,), torch.float32)], max_shard_size=100)
     with pytest.raises(RuntimeError, match="expected a"):
         writer.write("a", torch.zeros(3))
 
@@ -117,8 +124,8 @@ def test_reader_refuses_pickle_and_torn_files(tmp_path):
         CheckpointReader(tmp_path)
 
 
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("2GiB") == 2 * 2**30
-    with pytest.raises(UserError):
-        parse_size("five gigs")
+def test_shard_sizes_read_as_save_pretrained_reads_them():
+    assert shard_size_bytes("5GB") == 5 * 10**9
+    assert shard_size_bytes("500mb") == 5 * 10**8
+    with pytest.raises(ValueError, match="5GB"):
+        shard_size_bytes("five gigs")

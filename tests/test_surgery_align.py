@@ -17,9 +17,10 @@ from pipeline.config import validate_config
 from pipeline.runs import read_manifest
 from surgery.aligned_donor import open_aligned_donor
 from surgery.alignment import fit_permutation, fit_rotation, place_chosen_units
-from surgery.calibration import StreamedLlama
+from surgery.calibration import layer_passes
 from surgery.cli import main as surgery_main
 from surgery.cli import make_plan
+from surgery.streamed_llama import StreamedLlama
 
 BASE = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
         "num_hidden_layers": 3}
@@ -217,9 +218,10 @@ def test_the_surgerys_view_of_the_donor_computes_the_donors_function(tiny_llama,
                                                              "select": "output"}}).surgery
     view = open_aligned_donor(make_plan(settings), method, "output")
     assert view.alignment.matched_gains and view.alignment.unit_orders
-    stream = StreamedLlama(view, json.loads((donor / "config.json").read_text()), torch.device("cpu"))
+    config = {**json.loads((donor / "config.json").read_text()), "tie_word_embeddings": view.tie_word_embeddings}
+    stream = StreamedLlama(view, config, torch.device("cpu"))
     hidden = stream.embed([IDS])
-    for done in stream.layers(hidden, 5):
+    for done in layer_passes(stream, hidden, 5):
         hidden = done.hidden
     with torch.no_grad():
         expected = load(donor)(IDS).logits[0]
@@ -231,7 +233,7 @@ def test_the_streamed_forward_matches_transformers(tiny_llama):
     config = json.loads((folder / "config.json").read_text())
     stream = StreamedLlama(CheckpointReader(folder), config, torch.device("cpu"))
     hidden = stream.embed([IDS])
-    for done in stream.layers(hidden, BASE["num_hidden_layers"]):
+    for done in layer_passes(stream, hidden, BASE["num_hidden_layers"]):
         hidden = done.hidden
     with torch.no_grad():
         expected = load(folder)(IDS).logits[0]
@@ -274,6 +276,8 @@ def test_alignment_is_refused_where_it_means_nothing(tiny_llama, tmp_path, capsy
     refused(capsys, [*common, "--donor", str(donor), "--legacy", "--mode", "block_diagonal", "--select", "output"],
             "drop --select or --legacy", out)
     refused(capsys, ["align", *common, "--donor", str(donor), "--method", "none"], "leaves the donor as it is", out)
+    refused(capsys, ["align", *common, "--donor", str(donor), "--method", "permutation", "--max-shard-size", "2GiB"],
+            "--max-shard-size: shard size '2GiB' not understood", out)
     # the dry run says what a rotation will cost
     assert surgery_main([*common, "--donor", str(donor), "--align", "rotation", "--select", "output", "--dry-run"]) == 0
     printed = capsys.readouterr().out

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pipeline.checkpoint import CheckpointReader, ShardedWriter, TensorSpec, parse_size
+from pipeline.checkpoint import CheckpointReader, ShardedWriter, TensorSpec
 from pipeline.config import MergeInto
 from pipeline.errors import UserError
 from pipeline.models import TOKENIZER_FILES
@@ -134,7 +134,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, merged_dir: Path, max_shard
     specs = [TensorSpec(name, reader.shape(name), reader.dtype(name)) for name in reader.names]
     dequantized = 0
     with atomic_output_dir(merged_dir, force=True) as tmp:
-        writer = ShardedWriter(tmp, specs, parse_size(max_shard_size))
+        writer = ShardedWriter(tmp, specs, max_shard_size)
         for spec in tqdm(specs, desc=f"merging LoRA into the {MERGE_TARGETS[into]}", unit="tensor"):
             tensor = reader.get(spec.name)
             if into == "dequantized_nf4" and quantized_on_load(spec.name, spec.shape):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import ShardedWriter, TensorSpec, parse_size
+from pipeline.checkpoint import ShardedWriter, TensorSpec
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # What a flag-built config.json carries besides the widths: Llama-2-13b's own values.
@@ -62,7 +62,7 @@ def write_random_llama(folder: Path, config: dict, dtype: str, seed: int, max_sh
     generator = torch.Generator(device=device).manual_seed(seed)
     torch_dtype = DTYPES[dtype]
     specs = tensor_specs(config, torch_dtype)
-    writer = ShardedWriter(folder, specs, parse_size(max_shard_size))
+    writer = ShardedWriter(folder, specs, max_shard_size)
     for spec in specs:
         if spec.name.endswith("norm.weight"):
             values = torch.empty(spec.shape, device=device).uniform_(0.8, 1.2, generator=generator)
