@@ -36,6 +36,7 @@ import torch
 from eval.models import ModelEntry, load_model
 from eval.placement import describe_placement, placement_summary
 from eval.preservation import logits_on
+from pipeline.sizing import LlamaShape, scoring_bytes_per_token
 
 GIB = 2**30
 
@@ -121,6 +122,11 @@ def main() -> None:
         folder = Path(tmp) / "llama-22b-widths"
         build_checkpoint(folder, args, device)
         entry = ModelEntry("22b-widths", str(folder), folder)
+        shape = LlamaShape(args.hidden, args.intermediate, args.layers, args.heads, args.heads,
+                           args.hidden // args.heads, args.vocab)
+        # What eval's budget keeps free for the forwards below (pipeline/sizing.py's per-token estimate).
+        scoring = args.batch * args.seq * scoring_bytes_per_token(shape)
+        preservation = 16 * 256 * scoring_bytes_per_token(shape, 4)
         ids = torch.randint(args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
         print(f"{args.layers} layers of hidden {args.hidden} / intermediate {args.intermediate}, vocab {args.vocab}; "
               f"scoring batch {args.batch} x {args.seq} tokens on {device}")
@@ -129,7 +135,7 @@ def main() -> None:
         scoring_forward(baseline, ids[:1, :8], device)  # warm-up: kernel and workspace set-up counts for neither
         base_seconds, base_peak = scoring_forward(baseline, ids, device)
         release(baseline)
-        model = load_model(entry, device, torch.bfloat16)
+        model = load_model(entry, device, torch.bfloat16, scoring)
         eval_seconds, eval_peak = scoring_forward(model, ids, device)
         release(model)
         print("| load | scoring forward | peak above the weights |")
@@ -139,7 +145,7 @@ def main() -> None:
         print(f"| eval: eval.models.load_model | {eval_seconds:.2f} s | {eval_peak:.2f} GiB |")
 
         emulate(int(args.card_gib * GIB), None)
-        model = load_model(entry, device, torch.bfloat16)
+        model = load_model(entry, device, torch.bfloat16, scoring)
         summary = placement_summary(model)
         where = describe_placement(summary, args.layers)
         seconds, peak = scoring_forward(model, ids, device)
@@ -157,7 +163,7 @@ def main() -> None:
               f"generate 4 x 16 tokens {generate_seconds:.2f} s")
 
         emulate(int(args.card_gib * GIB), int(args.host_gib * GIB))
-        model = load_model(entry, device, torch.float32, streamed=True)
+        model = load_model(entry, device, torch.float32, preservation, streamed=True)
         where = describe_placement(placement_summary(model), args.layers)
         start = time.perf_counter()
         logits = logits_on(model, [list(range(1, 257))] * 16)

@@ -19,7 +19,7 @@ import torch
 from eval.models import ModelEntry, free_memory, load_model, load_tokenizer, pick_device
 from eval.precision import Precision, choose_precision
 from eval.probe import EXIT_DEGENERATE, ProbeResult, probe_model, summary_lines
-from pipeline.config import ProbeConfig, load_config
+from pipeline.config import BenchmarksConfig, EvalConfig, PerplexityConfig, PreservationConfig, ProbeConfig, load_config
 from pipeline.errors import UserError, run_cli
 from pipeline.models import resolve_model
 from pipeline.runs import write_json_atomic
@@ -57,7 +57,7 @@ def probe_parser() -> argparse.ArgumentParser:
 def _probe_one(entry: ModelEntry, settings: ProbeConfig, device: torch.device, precision: Precision,
                base: ProbeResult | None, tokenizer_fallback: Path | None) -> ProbeResult:
     tokenizer = load_tokenizer(entry.path, fallback=tokenizer_fallback)
-    model = load_model(entry, device, precision.compute_dtype)
+    model = load_model(entry, device, precision.compute_dtype, precision.activations)
     result = probe_model(entry.label, model, tokenizer, settings, base)
     del model
     free_memory()
@@ -73,9 +73,13 @@ def run_probe_cli(args) -> int:
     model_entry = ModelEntry("model", args.model, resolve_model(args.model))
     base_entry = ModelEntry("base", args.base, resolve_model(args.base)) if args.base else None
     device = pick_device(args.device)
-    # One dtype for both, as in the stage: the verdict compares the two models, not two precisions.
+    # One dtype for both, as in the stage: the verdict compares the two models, not two precisions. The eval
+    # settings this command means: the probe alone, so its generation is the only forward the budget keeps room for.
+    probe_only = EvalConfig(device=args.device, dtype=args.dtype, probe=settings,
+                            perplexity=PerplexityConfig(enabled=False), preservation=PreservationConfig(enabled=False),
+                            benchmarks=BenchmarksConfig(enabled=False))
     entries = [e for e in (base_entry, model_entry) if e is not None]
-    precision = choose_precision(args.dtype, {e.label: e.path for e in entries}, device)
+    precision = choose_precision(probe_only, {e.label: e.path for e in entries}, device)
     log.info("%s", precision.reason)
     base_result = _probe_one(base_entry, settings, device, precision, None, None) if base_entry else None
     result = _probe_one(model_entry, settings, device, precision, base_result,

@@ -113,8 +113,9 @@ def load_tokenizer(folder: Path, fallback: Path | None = None):
         return AutoTokenizer.from_pretrained(fallback)
 
 
-def load_model(entry: ModelEntry, device: torch.device, dtype: torch.dtype, streamed: bool = False):
-    """The causal LM in eval mode, in `dtype`, placed by accelerate within eval's memory budgets.
+def load_model(entry: ModelEntry, device: torch.device, dtype: torch.dtype, activations: int, streamed: bool = False):
+    """The causal LM in eval mode, in `dtype`, placed by accelerate within eval's memory budgets, which keep
+    `activations` bytes (the largest forward's, Precision.activations) free on the GPU.
 
     Its config's KV cache is switched off: every scoring forward (lm-eval's `_model_call` among them) would
     otherwise build one and keep every layer's keys and values alive to the end of the forward (~10 GiB more at
@@ -123,7 +124,7 @@ def load_model(entry: ModelEntry, device: torch.device, dtype: torch.dtype, stre
     """
     from transformers import AutoModelForCausalLM
 
-    budgets = memory_budgets(device)
+    budgets = memory_budgets(device, activations)
     log.info("loading %s (%s) in %s on %s", entry.label, entry.path, str(dtype).removeprefix("torch."), device)
     try:
         model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=dtype, device_map="auto", max_memory=budgets)

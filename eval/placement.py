@@ -2,9 +2,11 @@
 
 The placement itself is accelerate's (`device_map="auto"` with `max_memory`): the GPU first, then CPU RAM, then
 the checkpoint files on disk, whole decoder layers at a time, with room kept on the GPU for an offloaded layer in
-transit. Eval only decides the budgets, from what is free now as accelerate counts it: a GPU's free memory, and
-the host's MemAvailable (psutil). Not MemFree: after 91 GB of downloads most of the RAM holds page cache, which
-MemFree leaves out although the kernel hands it back at once, so a MemFree budget sends layers to disk.
+transit. Eval only decides the budgets, from what is free now as accelerate counts it: a GPU's free memory less
+the largest forward's activations and the allocator's slack (pipeline/sizing.py's rule, which the doctor applies
+too: a relative margin does not know how large the forwards are, and left a 6 GiB card too little for a 25-shot
+ARC batch), and the host's MemAvailable (psutil). Not MemFree: after 91 GB of downloads most of the RAM holds page
+cache, which MemFree leaves out although the kernel hands it back at once, so a MemFree budget sends layers to disk.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from pipeline.sizing import EVAL_ALLOCATOR_SLACK, eval_weight_budget
+
 log = logging.getLogger(__name__)
 
-# Weights x margin must fit a device: activations (8 x 1300-token contexts' logits), the allocator's slack.
-MEMORY_MARGIN = 1.3
 # Of MemAvailable, the share the weights may take; the rest is the interpreter, lm-eval's data, the kept logits.
 CPU_SHARE = 0.9
 PLACE_NAMES = {"cpu": "in CPU RAM", "disk": "on disk"}
@@ -40,8 +42,9 @@ def available_memory(device: torch.device) -> int:
     return get_max_memory()[device_key(device)]
 
 
-def memory_budgets(device: torch.device) -> dict[int | str, int]:
-    """`max_memory` for `from_pretrained`: the GPU's free memory less room for activations, then CPU RAM.
+def memory_budgets(device: torch.device, activations: int) -> dict[int | str, int]:
+    """`max_memory` for `from_pretrained`: the GPU's free memory less `activations` (the largest forward eval will
+    make, eval/precision.py's estimate) and the allocator's slack, then CPU RAM.
 
     On a CPU device the whole budget is CPU RAM; what fits nowhere goes to disk (accelerate's last resort).
     """
@@ -51,7 +54,12 @@ def memory_budgets(device: torch.device) -> dict[int | str, int]:
     budgets: dict[int | str, int] = {"cpu": int(free["cpu"] * CPU_SHARE)}
     if device.type == "cuda":
         key = device_key(device)
-        budgets = {key: int(free[key] / MEMORY_MARGIN), **budgets}
+        budgets = {key: eval_weight_budget(free[key], activations), **budgets}
+        if budgets[key] == 0:
+            log.warning("the %s free on %s hold no weights beside the largest forward's %s of activations and %s of "
+                        "allocator slack: every layer stays in CPU RAM or on disk; lower eval.benchmarks.batch_size "
+                        "to keep some on the GPU", human_bytes(free[key]), device, human_bytes(activations),
+                        human_bytes(EVAL_ALLOCATOR_SLACK))
     return budgets
 
 

@@ -6,9 +6,11 @@ old per-model rule on a GPU too small for fp32 (the base in its stored fp16, the
 1.7e-3 and 98.0%, and both in bf16 2.0e-3 and 97.6%. Half-precision arithmetic alone thus fails the README's
 bar for an exact surgery (KL <= 1e-3, top-1 >= 98%), whatever the models. So:
 
-- scoring (probe, perplexity, benchmarks) runs every model in one dtype: float32 when the largest model fits the
-  device in float32 with room for activations, else one half-precision dtype for all, the largest model's
-  stored one (the widened model's: bfloat16 from surgery's default), bfloat16 when that is float32;
+- scoring (probe, perplexity, benchmarks) runs every model in one dtype: float32 when the largest model's float32
+  weights fit the device's weight budget (its free memory less the largest forward's float32 activations and the
+  allocator's slack: pipeline/sizing.py's eval_memory, which the doctor applies too), else one half-precision
+  dtype for all, the largest model's stored one (the widened model's: bfloat16 from surgery's default), bfloat16
+  when that is float32;
 - preservation logits are always float32: from the same load when scoring is float32, else from a second load in
   float32 that accelerate spreads over the GPU, CPU RAM and the checkpoint files, read once by one batched
   forward.
@@ -16,6 +18,7 @@ bar for an exact surgery (KL <= 1e-3, top-1 >= 98%), whatever the models. So:
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -23,19 +26,22 @@ from pathlib import Path
 
 import torch
 
-from eval.placement import MEMORY_MARGIN, available_memory, human_bytes
+from eval.placement import available_memory, human_bytes
 from pipeline.checkpoint import CheckpointReader
-
-HALF_DTYPES = ("bfloat16", "float16")
+from pipeline.config import EvalConfig
+from pipeline.errors import UserError
+from pipeline.sizing import EVAL_ALLOCATOR_SLACK, LlamaShape, eval_memory
 
 
 @dataclass(frozen=True)
 class Precision:
-    """The run's dtypes and why: what models are scored in, and what preservation's logits are computed in."""
+    """The run's dtypes and why: what models are scored in, what preservation's logits are computed in, and the
+    bytes of activations of the largest forward in those dtypes, which every load keeps free on the GPU."""
 
     compute: str
     preservation: str
     reason: str
+    activations: int
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -50,9 +56,14 @@ class Precision:
         return asdict(self)
 
 
-def parameter_count(folder: Path) -> int:
-    reader = CheckpointReader(folder)
-    return sum(math.prod(reader.shape(name)) for name in reader.names)
+def model_shape(folder: Path) -> LlamaShape:
+    """The widths in a model's config.json, which size its weights and its forwards."""
+    config = json.loads((folder / "config.json").read_text())
+    try:
+        return LlamaShape.from_config(config)
+    except KeyError as err:
+        raise UserError(f"{folder / 'config.json'} has no {err.args[0]}: eval sizes its memory from a Llama's widths; "
+                        "evaluate Llama-architecture models only") from None
 
 
 def stored_dtype(folder: Path) -> str:
@@ -64,24 +75,28 @@ def stored_dtype(folder: Path) -> str:
     return counts.most_common(1)[0][0]
 
 
-def choose_precision(setting: str, models: dict[str, Path], device: torch.device) -> Precision:
-    """The precision for `models` (label -> folder) on `device`; `setting` is eval.dtype ("auto" or a dtype)."""
-    if setting != "auto":
-        return Precision(setting, "float32", f"eval.dtype is {setting}")
-    sizes = {label: parameter_count(folder) for label, folder in models.items()}
-    largest = max(sizes, key=sizes.get)
-    count = sizes[largest]
-    size = f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.1f}M"
-    needed = count * 4 * MEMORY_MARGIN
+def choose_precision(settings: EvalConfig, models: dict[str, Path], device: torch.device) -> Precision:
+    """The precision for `models` (label -> folder) on `device` under eval settings `settings` (eval.dtype "auto"
+    or a dtype; the phases and batch sizes that size the activations)."""
+    shapes = {label: model_shape(folder) for label, folder in models.items()}
+    largest = max(shapes, key=lambda label: shapes[label].params)
     free = available_memory(device)
-    where = f"the {human_bytes(free)} free on {device}"
-    if needed <= free:
+    memory = eval_memory(settings, [(shapes[label], stored_dtype(models[label])) for label in models], free)
+    compute, activations = memory.dtype, memory.activations
+    if settings.dtype != "auto":
+        return Precision(compute, "float32", f"eval.dtype is {compute}", activations)
+    count = shapes[largest].params
+    size = f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.1f}M"
+    fp32 = human_bytes(count * 4)
+    budget = (f"the {human_bytes(memory.float32_budget)} that {human_bytes(free)} free on {device} leave beside "
+              f"{human_bytes(memory.float32_activations)} of float32 activations (the largest forward) and "
+              f"{human_bytes(EVAL_ALLOCATOR_SLACK)} of allocator slack")
+    if compute == "float32":
         return Precision("float32", "float32", f"float32 for every model, preservation included: the largest "
-                         f"({largest}, {size} parameters) fits {where} with room for activations")
+                         f"({largest}, {size} parameters, {fp32} in float32) fits {budget}", activations)
     stored = stored_dtype(models[largest])
-    half = stored if stored in HALF_DTYPES else "bfloat16"
-    why_half = "its stored dtype" if stored == half else "the half precision with float32's range"
-    return Precision(half, "float32", f"{half} for every model: the largest ({largest}, {size} parameters) needs "
-                     f"{human_bytes(needed)} in float32 with room for activations, more than {where}; {half} is "
-                     f"{why_half}. Preservation's logits are float32, from a second load of each model spread over "
-                     "the GPU, CPU RAM and disk")
+    why_half = "its stored dtype" if stored == compute else "the half precision with float32's range"
+    return Precision(compute, "float32", f"{compute} for every model: the largest ({largest}, {size} parameters) "
+                     f"needs {fp32} in float32, more than {budget}; {compute} is {why_half}. Preservation's logits "
+                     "are float32, from a second load of each model spread over the GPU, CPU RAM and disk",
+                     activations)

@@ -65,7 +65,7 @@ def evaluate_model(
     and, for the base, the logits later models compare with."""
     settings = config.eval
     tokenizer = load_tokenizer(entry.path, fallback=base.entry.path if base else None)
-    model = load_model(entry, device, precision.compute_dtype)
+    model = load_model(entry, device, precision.compute_dtype, precision.activations)
     log.info("%s: probing %d prompts", entry.label, settings.probe.prompts)
     probe = probe_model(entry.label, model, tokenizer, settings.probe, base.probe if base else None)
     for line in summary_lines(probe):
@@ -100,7 +100,8 @@ def evaluate_model(
             del model
             free_memory()
             log.info("%s: preservation logits in %s", entry.label, precision.preservation)
-            model = load_model(entry, device, getattr(torch, precision.preservation), streamed=True)
+            model = load_model(entry, device, getattr(torch, precision.preservation), precision.activations,
+                               streamed=True)
         logits = logits_on(model, preservation_ids)
         compare_with_base(results, logits, base_logits)
     del model
@@ -158,7 +159,7 @@ def run_eval(config: RunConfig, force: bool = False) -> int:
         config.eval.preservation.max_tokens,
     )
     # Decided once, before any model loads, from the memory free then: the same dtypes for every model.
-    precision = choose_precision(config.eval.dtype, {e.label: e.path for e in entries}, device)
+    precision = choose_precision(config.eval, {e.label: e.path for e in entries}, device)
     log.info("evaluating %s on %s; %s", ", ".join(f"{e.label} ({e.ref})" for e in entries), device, precision.reason)
 
     with atomic_output_dir(final, force=force) as out:

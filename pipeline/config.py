@@ -267,9 +267,10 @@ class EvalConfig(StrictModel):
     models: list[str] | None = None
     base: str | None = None  # the reference for verdicts and paired differences; None: surgery.base or models[0]
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # One dtype for every model of the run (eval/precision.py). auto: float32 when the largest model fits the
-    # device's free memory in float32 with room for activations, else the largest model's stored half precision
-    # (bfloat16 when it is stored in float32). Preservation's logits are float32 either way.
+    # One dtype for every model of the run (eval/precision.py). auto: float32 when the largest model's float32
+    # weights fit the device's free memory less the largest forward's float32 activations (pipeline/sizing.py),
+    # else the largest model's stored half precision (bfloat16 when it is stored in float32). Preservation's
+    # logits are float32 either way.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     preservation: PreservationConfig = Field(default_factory=PreservationConfig)

@@ -34,11 +34,6 @@ Status = Literal["ok", "warn", "fail"]
 CPU_MAX_PARAMS = 1_000_000_000
 # The CUDA context and the caching allocator's slack, on top of the allocated peak.
 CUDA_OVERHEAD_BYTES = GIB
-# Rough prompt lengths in Llama tokens of the leaderboard's few-shot contexts: (fixed, per shot). ARC's 25-shot is
-# about 1.3k tokens; MMLU's is its longest subject's (professional_law, ~2k at 5 shots), since the batch of the
-# longest contexts sets the peak; TruthfulQA carries a 6-question preamble. Estimates for the memory check only.
-FEWSHOT_TOKENS = {"arc_challenge": (60, 50), "hellaswag": (100, 90), "mmlu": (150, 400), "truthfulqa_mc2": (300, 0)}
-PROBE_PROMPT_TOKENS = 100
 EVAL_REPORT_BYTES = 100 * 2**20
 
 
@@ -198,53 +193,41 @@ def train_estimate(config: RunConfig, shape: LlamaShape, cuda: bool) -> sizing.E
     )
 
 
-def eval_activation_bytes(config: RunConfig, shape: LlamaShape) -> int:
-    """The largest forward eval makes beside the weights: a benchmark batch, the probe's generation, a perplexity
-    window or a preservation text (scoring forwards build no KV cache)."""
-    settings = config.eval
-    per_token = sizing.scoring_bytes_per_token(shape)
-    phases = [sizing.generation_bytes(shape, settings.probe.batch_size,
-                                      PROBE_PROMPT_TOKENS + settings.probe.max_new_tokens)]
-    if settings.perplexity.enabled:
-        phases.append(settings.perplexity.window * per_token)
-    if settings.preservation.enabled:
-        phases.append(settings.preservation.max_tokens * per_token)
-    if settings.benchmarks.enabled:
-        contexts = [fixed + per_shot * getattr(settings.benchmarks, name).num_fewshot
-                    for name, (fixed, per_shot) in FEWSHOT_TOKENS.items()]
-        phases.append(settings.benchmarks.batch_size * max(contexts) * per_token)
-    return max(phases)
-
-
 @dataclass(frozen=True)
 class EvalPlacement:
-    """Where eval would put its largest model: the dtype, the bytes on the GPU, the bytes left in CPU RAM."""
+    """Where eval would put its largest model: the dtype, its weights, the GPU weight budget eval hands accelerate
+    (free memory less the largest forward's activations and the allocator's slack), the bytes accelerate would put
+    on the GPU within it and those left in CPU RAM, the activations and the setting that sizes them, and the block
+    accelerate moves whole."""
 
     label: str
     dtype: str
     weights: int
+    budget: int
     on_gpu: int
     in_ram: int
     activations: int
+    forward: str
+    block: int
 
 
 def eval_placement(config: RunConfig, shapes: RunShapes, device: Device) -> EvalPlacement | None:
-    """eval/models.py's choice for the largest evaluated model: fp32 where it fits with margin, else its stored
-    dtype; on a GPU too small for it, free / margin on the GPU and the rest in CPU RAM."""
+    """eval's own rule (pipeline/sizing.py's eval_memory and eval_weight_budget, which eval/precision.py and
+    eval/placement.py apply) for the largest evaluated model. accelerate fills the GPU up to the budget less the
+    largest block (room for an offloaded one in transit) once the model does not fit whole; the rest goes to RAM."""
     if not shapes.evaluated:
         return None
-    label, shape, stored = max(shapes.evaluated, key=lambda entry: entry[1].params)
+    label, shape, _ = max(shapes.evaluated, key=lambda entry: entry[1].params)
     room = device.free if device.name else _available_ram()
-    dtype = config.eval.dtype
-    if dtype == "auto":
-        dtype = "float32" if shape.params * 4 * sizing.EVAL_MEMORY_MARGIN < room else stored
-    weights = shape.params * sizing.DTYPE_BYTES[dtype]
-    activations = eval_activation_bytes(config, shape)
-    if not device.name or weights * sizing.EVAL_MEMORY_MARGIN < device.free:
-        return EvalPlacement(label, dtype, weights, weights if device.name else 0, 0 if device.name else weights,
-                             activations)
-    on_gpu = int(device.free / sizing.EVAL_MEMORY_MARGIN)
-    return EvalPlacement(label, dtype, weights, on_gpu, weights - on_gpu, activations)
+    memory = sizing.eval_memory(config.eval, [(entry[1], entry[2]) for entry in shapes.evaluated], room)
+    width = sizing.DTYPE_BYTES[memory.dtype]
+    weights, block = shape.params * width, shape.largest_block_params() * width
+    if not device.name:
+        return EvalPlacement(label, memory.dtype, weights, 0, 0, weights, memory.activations, memory.forward, block)
+    budget = memory.weight_budget
+    on_gpu = weights if weights + block <= budget else max(budget - block, 0)
+    return EvalPlacement(label, memory.dtype, weights, budget, on_gpu, weights - on_gpu, memory.activations,
+                         memory.forward, block)
 
 
 def gpu_checks(config: RunConfig, shapes: RunShapes, stages: list[str], device: Device) -> list[Check]:
@@ -314,19 +297,15 @@ def eval_gpu_check(placement: EvalPlacement | None, device: Device) -> Check:
         return Check(name, "warn", "not estimated: no evaluated model's config.json could be read",
                      "fix the model rows")
     p = placement
+    beside = (f"{gib(p.activations)} of activations for the largest forward ({p.forward}) and "
+              f"{gib(sizing.EVAL_ALLOCATOR_SLACK)} of allocator slack kept free of {gib(device.free)}")
     if p.in_ram == 0:
-        need = p.weights + p.activations + CUDA_OVERHEAD_BYTES
-        found = (f"{p.label} in {p.dtype}: {gib(p.weights)} of weights + {gib(p.activations)} of activations "
-                 f"of {gib(device.free)} free")
-        if need > device.free:
-            return Check(name, "fail", found, "lower eval.benchmarks.batch_size or eval.probe.batch_size")
-        return Check(name, "ok", found)
-    room = device.free - p.on_gpu - CUDA_OVERHEAD_BYTES
+        return Check(name, "ok", f"{p.label} in {p.dtype}: {gib(p.weights)} of weights on the GPU; {beside}")
+    if p.on_gpu == 0:
+        return Check(name, "fail", f"{p.label} in {p.dtype}: {beside} leave {gib(p.budget)} for weights, less than "
+                     f"one {gib(p.block)} layer", f"lower {p.forward}")
     found = (f"{p.label} in {p.dtype} is {gb(p.weights)}: eval keeps {gb(p.on_gpu)} on the GPU and {gb(p.in_ram)} in "
-             f"CPU RAM (slower, same scores); {gib(p.activations)} of activations beside them")
-    if p.activations > room:
-        return Check(name, "fail", found + f", where {gib(room)} remain",
-                     "lower eval.benchmarks.batch_size (and eval.probe.batch_size)")
+             f"CPU RAM (slower, same scores); {beside}")
     return Check(name, "warn", found, "a GPU with more memory runs it faster; nothing to fix")
 
 

@@ -56,7 +56,7 @@ def test_scoring_forwards_build_no_kv_cache_and_probe_generation_does(tiny_llama
     assert caches_made[0] > 0
 
     caches_made[0] = 0
-    model = load_model(ModelEntry("model", str(folder), folder), torch.device("cpu"), torch.float32)
+    model = load_model(ModelEntry("model", str(folder), folder), torch.device("cpu"), torch.float32, 0)
     scores = score_one_arc_item(model, tokenizer, tmp_path)
     assert list(scores["arc_challenge"]) == [0]
     logits = logits_on(model, [[1, 500, 900, 42], [7, 8]])

@@ -43,7 +43,7 @@ def test_the_cpu_budget_is_memavailable_not_memfree(tmp_path):
     high = max(before["MemAvailable"], after["MemAvailable"]) + SLACK
     assert low <= budget <= high
     assert max(before["MemFree"], after["MemFree"]) + SLACK < budget  # MemFree would have been far less
-    assert abs(memory_budgets(torch.device("cpu"))["cpu"] - CPU_SHARE * budget) < CPU_SHARE * 2 * SLACK
+    assert abs(memory_budgets(torch.device("cpu"), 0)["cpu"] - CPU_SHARE * budget) < CPU_SHARE * 2 * SLACK
 
 
 def test_layers_that_fit_nowhere_go_to_disk_and_the_log_says_where_and_how_to_avoid_it(tiny_llama, monkeypatch,
@@ -54,7 +54,7 @@ def test_layers_that_fit_nowhere_go_to_disk_and_the_log_says_where_and_how_to_av
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     entry = ModelEntry("model", str(folder), folder)
 
-    whole = load_model(entry, torch.device("cpu"), torch.float32)
+    whole = load_model(entry, torch.device("cpu"), torch.float32, 0)
     assert not hasattr(whole, "hf_device_map") or set(whole.hf_device_map.values()) == {"cpu"}
     weight_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
     summary = placement_summary(whole)
@@ -63,7 +63,7 @@ def test_layers_that_fit_nowhere_go_to_disk_and_the_log_says_where_and_how_to_av
     # A host whose MemAvailable holds only the embeddings and about a layer: the rest goes to disk.
     monkeypatch.setattr("accelerate.utils.get_max_memory", lambda max_memory=None: {"cpu": 400_000})
     with caplog.at_level(logging.INFO, logger="eval.models"):
-        split = load_model(entry, torch.device("cpu"), torch.float32)
+        split = load_model(entry, torch.device("cpu"), torch.float32, 0)
     summary = placement_summary(split)
     assert summary["disk"].layers >= 2
     assert sum(place.layers for place in summary.values()) == 4

@@ -17,6 +17,7 @@ import yaml
 
 from eval.cli import main as eval_main
 from eval.precision import choose_precision, stored_dtype
+from pipeline.config import EvalConfig
 from surgery.cli import main as surgery_main
 
 WIDTHS_360M = ["--hidden-size", "960", "--num-attention-heads", "15", "--num-key-value-heads", "5",
@@ -36,19 +37,19 @@ def test_one_precision_for_every_model_float32_only_when_the_largest_fits(tiny_l
     assert (stored_dtype(base), stored_dtype(wide)) == ("float16", "bfloat16")
     cpu = torch.device("cpu")
 
-    roomy = choose_precision("auto", models, cpu)
+    roomy = choose_precision(EvalConfig(), models, cpu)
     assert (roomy.compute, roomy.preservation, roomy.preservation_reloads) == ("float32", "float32", False)
 
-    host_with(monkeypatch, 100_000)  # less than the widened model's fp32 weights with room for activations
-    tight = choose_precision("auto", models, cpu)
+    host_with(monkeypatch, 100_000)  # less than the widened model's fp32 weights beside its activations
+    tight = choose_precision(EvalConfig(), models, cpu)
     # The widened model's stored half precision for both, not each its own; preservation still in float32.
     assert (tight.compute, tight.preservation, tight.preservation_reloads) == ("bfloat16", "float32", True)
     assert "surgery" in tight.reason and "float32" in tight.reason
 
     fp32_wide = tiny_llama("wide32", hidden_size=48, num_attention_heads=6, num_key_value_heads=6,
                            intermediate_size=96)
-    assert choose_precision("auto", {"base": base, "surgery": fp32_wide}, cpu).compute == "bfloat16"
-    assert choose_precision("float16", models, cpu).compute == "float16"
+    assert choose_precision(EvalConfig(), {"base": base, "surgery": fp32_wide}, cpu).compute == "bfloat16"
+    assert choose_precision(EvalConfig(dtype="float16"), models, cpu).compute == "float16"
 
 
 @pytest.mark.usefixtures("one_intra_op_thread")

@@ -21,8 +21,8 @@ import math
 from pathlib import Path
 
 from pipeline.config import RunConfig
-from pipeline.doctor import PROBE_PROMPT_TOKENS, Device, RunShapes, eval_placement, train_estimate
-from pipeline.sizing import GIB, LlamaShape
+from pipeline.doctor import Device, RunShapes, eval_placement, train_estimate
+from pipeline.sizing import GIB, PROBE_PROMPT_TOKENS, LlamaShape
 
 STAGES = ("doctor", "surgery", "train", "eval")
 METER_STAGE = {"pipeline doctor": "doctor", "surgery": "surgery", "train": "train", "eval": "eval"}
