@@ -195,6 +195,17 @@ def generation_bytes(shape: LlamaShape, batch: int, tokens: int, dtype_bytes: in
     return batch * (tokens * shape.kv_bytes_per_token(dtype_bytes) + shape.vocab_size * 4)
 
 
+def checkpoint_bytes(shape: LlamaShape, lora_r: int, lora_targets: list[str]) -> int:
+    """One training checkpoint: the fp32 adapter and AdamW's two moments."""
+    return 12 * shape.lora_params_per_layer(lora_r, lora_targets) * shape.num_hidden_layers
+
+
+def surgery_ram(base: LlamaShape, target: LlamaShape, dtype_bytes: int) -> int:
+    """Surgery holds the largest tensor's base, donor and output copies (benchmarks/RESULTS.md: 0.86 GB peak RSS
+    for a 1B -> 1.5B widening, whose largest tensor is 164 MB)."""
+    return 3 * target.largest_tensor_params() * dtype_bytes + GIB // 2
+
+
 def longest_fewshot_context(settings: EvalConfig) -> int:
     """Tokens of the longest few-shot context the configured benchmarks build (FEWSHOT_TOKENS' estimates)."""
     return max(fixed + per_shot * getattr(settings.benchmarks, name).num_fewshot
