@@ -10,6 +10,7 @@ when fp32 does not fit, which the old per-model rule (each model in its stored d
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +53,21 @@ def test_one_precision_for_every_model_float32_only_when_the_largest_fits(tiny_l
     assert choose_precision(EvalConfig(dtype="float16"), models, cpu).compute == "float16"
 
 
+def evaluate_pair(tmp_path: Path, base: Path, wide: Path) -> dict:
+    """Eval's report on a base and its widening: one probe prompt and preservation on 4 texts, nothing else."""
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "eval": {
+        "models": [str(base), str(wide)],
+        "probe": {"prompts": 1, "max_new_tokens": 16, "fail_on_degenerate": False},
+        "preservation": {"texts": 4, "max_tokens": 32},
+        "perplexity": {"enabled": False},
+        "benchmarks": {"enabled": False},
+        "wandb": {"mode": "disabled"},
+    }}))
+    assert eval_main(["--config", str(config)]) == 0
+    return json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+
+
 @pytest.mark.usefixtures("one_intra_op_thread")
 def test_preservation_is_float32_whatever_the_scoring_precision(tiny_llama_with_tokenizer, tiny_llama, tmp_path,
                                                                monkeypatch):
@@ -69,17 +85,7 @@ def test_preservation_is_float32_whatever_the_scoring_precision(tiny_llama_with_
     # Room for the widened model in bf16 (~10 MB) but not in fp32 (~20 MB): scoring in bf16, preservation's
     # float32 load partly on disk.
     host_with(monkeypatch, 16_000_000)
-    config = tmp_path / "eval.yaml"
-    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "eval": {
-        "models": [str(base), str(wide)],
-        "probe": {"prompts": 1, "max_new_tokens": 16, "fail_on_degenerate": False},
-        "preservation": {"texts": 4, "max_tokens": 32},
-        "perplexity": {"enabled": False},
-        "benchmarks": {"enabled": False},
-        "wandb": {"mode": "disabled"},
-    }}))
-    assert eval_main(["--config", str(config)]) == 0
-    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    report = evaluate_pair(tmp_path, base, wide)
     assert report["precision"]["compute"] == "bfloat16"
     assert [m["dtype"] for m in report["models"]] == ["bfloat16", "bfloat16"]
 
@@ -110,17 +116,7 @@ def test_an_exact_widening_of_an_fp16_base_keeps_the_bar_when_fp32_does_not_fit(
     # A host with room for the widened model in bf16 (0.78 GB) but not in fp32: scoring in bf16 for both, and
     # preservation's float32 reload spills layers to disk.
     host_with(monkeypatch, 1_200_000_000)
-    config = tmp_path / "eval.yaml"
-    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "eval": {
-        "models": [str(base), str(wide)],
-        "probe": {"prompts": 1, "max_new_tokens": 16, "fail_on_degenerate": False},
-        "preservation": {"texts": 4, "max_tokens": 32},
-        "perplexity": {"enabled": False},
-        "benchmarks": {"enabled": False},
-        "wandb": {"mode": "disabled"},
-    }}))
-    assert eval_main(["--config", str(config)]) == 0
-    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    report = evaluate_pair(tmp_path, base, wide)
     assert report["precision"]["compute"] == "bfloat16" and report["precision"]["preservation"] == "float32"
     assert [m["dtype"] for m in report["models"]] == ["bfloat16", "bfloat16"]
     assert [m["stored_dtype"] for m in report["models"]] == ["float16", "bfloat16"]
