@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from eval import benchmarks as bench
-from eval.compare_runs import RunRecord, arms_of, check_comparable, choose_reference, resolve_inputs, seed_pairs
+from eval.compare_runs import RunRecord, arms_of, check_comparable, choose_reference, compared_arms, resolve_inputs
 from eval.dynamics import (
     HELDOUT_BITS_PER_BYTE,
     TRAINING_LOSS,
     Curve,
-    difference,
+    history_difference,
     read_curve,
     smoothed,
     tokens_to_reach,
@@ -93,11 +93,9 @@ def benchmark_section(arms: dict[str, list[RunRecord]], reference: str) -> dict[
                 if position == 0 and run.base["ref"] == ref_run.base["ref"]:
                     continue  # the same base model as the reference's: shown once
                 add_row(run, label, f"{run.name} {label}")
-    for arm, runs in arms.items():
-        if arm == reference:
-            continue
+    for arm, pairs in compared_arms(arms, reference):
         per_pair = []
-        for run, ref in seed_pairs(runs, arms[reference]):
+        for run, ref in pairs:
             scores, ref_scores = item_scores(run, TRAINED), item_scores(ref, TRAINED)
             entry: dict[str, Any] = {"label": f"Δ {run.name} − {ref.name}", "run": run.name, "reference_run": ref.name,
                                      "over": "items", "scores": None}
@@ -163,11 +161,8 @@ def matched_heldout(arms: dict[str, list[RunRecord]], reference: str) -> list[di
         return rows
     step = max(1, math.ceil(len(first.tokens) / MATCHED_POINTS))
     grid = sorted({*first.tokens[::-1][::step]})
-    for arm, runs in arms.items():
-        if arm == reference:
-            continue
-        pairs = [(read_curve(run.history, HELDOUT_BITS_PER_BYTE), ref_curves[ref.name])
-                 for run, ref in seed_pairs(runs, arms[reference])]
+    for arm, run_pairs in compared_arms(arms, reference):
+        pairs = [(read_curve(run.history, HELDOUT_BITS_PER_BYTE), ref_curves[ref.name]) for run, ref in run_pairs]
         pairs = [(mine, theirs) for mine, theirs in pairs if mine is not None and theirs is not None]
         for tokens in grid:
             diffs = [(value_at(mine, tokens), value_at(theirs, tokens)) for mine, theirs in pairs]
@@ -213,11 +208,9 @@ def heldout_section(arms: dict[str, list[RunRecord]], reference: str) -> dict[st
                                **({k: p[k] for k in ("bits_per_byte", "token_perplexity", "documents")} if p else
                                   {"skipped": (run.report["perplexity"].get(label) or {}).get("skipped")})})
     final = []
-    for arm, runs in arms.items():
-        if arm == reference:
-            continue
+    for arm, pairs in compared_arms(arms, reference):
         per_pair = []
-        for run, ref in seed_pairs(runs, arms[reference]):
+        for run, ref in pairs:
             delta, how = final_heldout_delta(run, ref)
             final.append({"arm": arm, "run": run.name, "reference_run": ref.name, "tokens": run.tokens_seen,
                           "reference_tokens": ref.tokens_seen, "delta": delta.to_dict() if delta else None,
@@ -251,13 +244,10 @@ def training_loss_section(arms: dict[str, list[RunRecord]], reference: str) -> d
     training: in a first pass every step is scored on blocks not yet trained on, and with equal seeds on the same
     blocks, so this is a held-out comparison at equal tokens paired block by block (over steps), or over seeds."""
     rows = []
-    for arm, runs in arms.items():
-        if arm == reference:
-            continue
+    for arm, pairs in compared_arms(arms, reference):
         per_pair = []
-        for run, ref in seed_pairs(runs, arms[reference]):
-            mine, theirs = read_curve(run.history, TRAINING_LOSS), read_curve(ref.history, TRAINING_LOSS)
-            delta = difference(mine, theirs) if mine is not None and theirs is not None else None
+        for run, ref in pairs:
+            delta = history_difference(run.history, ref.history, TRAINING_LOSS)
             if delta is None:
                 continue
             stretches = window_differences(delta, TRAINING_WINDOWS)

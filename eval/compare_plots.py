@@ -19,8 +19,16 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import EngFormatter
 
 from eval import benchmarks as bench
-from eval.compare_runs import RunRecord, seed_pairs
-from eval.dynamics import HELDOUT_BITS_PER_BYTE, TRAINING_LOSS, Curve, difference, read_curve, seed_band, smoothed
+from eval.compare_runs import RunRecord, compared_arms
+from eval.dynamics import (
+    HELDOUT_BITS_PER_BYTE,
+    TRAINING_LOSS,
+    Curve,
+    history_difference,
+    read_curve,
+    seed_band,
+    smoothed,
+)
 from eval.plots import plot_benchmarks
 from eval.stats import Estimate
 
@@ -45,6 +53,7 @@ def plot_curves(arms: dict[str, list[RunRecord]], reference: str, key: str, smoo
     writing nothing if none logged `key`."""
     fig, (ax, delta_ax) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 2))
     drawn = []
+    pairs = dict(compared_arms(arms, reference))
     for index, (arm, runs) in enumerate(arms.items()):
         raw = [c for c in (read_curve(run.history, key) for run in runs) if c is not None]
         if not raw:
@@ -56,9 +65,8 @@ def plot_curves(arms: dict[str, list[RunRecord]], reference: str, key: str, smoo
         _draw_band(ax, [smoothed(c) for c in raw] if smooth else raw, color, arm, not smooth)
         drawn.append(arm)
         deltas = []
-        for run, ref in seed_pairs(runs, arms[reference]) if arm != reference else []:
-            mine, theirs = read_curve(run.history, key), read_curve(ref.history, key)
-            delta = difference(mine, theirs) if mine is not None and theirs is not None else None
+        for run, ref in pairs.get(arm, []):
+            delta = history_difference(run.history, ref.history, key)
             if delta is not None:
                 deltas.append(smoothed(delta) if smooth else delta)
         if deltas:

@@ -9,6 +9,7 @@ or training data differ, since every difference the comparison reports is paired
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,14 @@ def seed_pairs(arm: list[RunRecord], reference: list[RunRecord]) -> list[tuple[R
     by_seed = {run.seed: run for run in reference}
     pairs = [(run, by_seed[run.seed]) for run in arm if run.seed in by_seed]
     return pairs or list(zip(arm, reference, strict=False))
+
+
+def compared_arms(arms: dict[str, list[RunRecord]],
+                  reference: str) -> Iterator[tuple[str, list[tuple[RunRecord, RunRecord]]]]:
+    """Every arm but the reference, with its runs paired seed by seed with the reference arm's (seed_pairs)."""
+    for arm, runs in arms.items():
+        if arm != reference:
+            yield arm, seed_pairs(runs, arms[reference])
 
 
 def check_comparable(runs: list[RunRecord], reference: RunRecord) -> None:

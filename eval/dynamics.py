@@ -122,6 +122,12 @@ def difference(curve: Curve, reference: Curve) -> Curve | None:
     return Curve(tuple(t for t, _ in points), tuple(v for _, v in points))
 
 
+def history_difference(history: list[dict], reference_history: list[dict], key: str) -> Curve | None:
+    """`difference` of the `key` curves two log histories hold; None when either logged none."""
+    curve, reference = read_curve(history, key), read_curve(reference_history, key)
+    return difference(curve, reference) if curve is not None and reference is not None else None
+
+
 def window_differences(delta: Curve, windows: int) -> list[tuple[float, float, Estimate]]:
     """The per-step differences cut into `windows` consecutive stretches of training: (first tokens, last tokens,
     mean difference with its standard error over the steps) for each stretch that holds any step."""
