@@ -144,7 +144,9 @@ class FastRecipeConfig(StrictModel):
     # offload: its input only, in pinned CPU memory (frees seq x hidden x 4 bytes of GPU memory per layer).
     checkpointing: Literal["full", "selective", "offload"] = "selective"
     cuda_graphs: bool = False  # torch.compile's reduce-overhead mode for the compiled decoder layers
-    torch_dropout: bool = True  # compiled layers draw LoRA's dropout masks with torch's kernel, not Triton's RNG
+    # Compiled layers draw LoRA's dropout masks with torch's kernel instead of Triton's own RNG: measured 3% slower
+    # on the 22b (benchmarks/RESULTS.md), so off.
+    torch_dropout: bool = False
     cudnn_attention: bool = False  # training attention tries cuDNN's kernels before FlashAttention-2
 
 

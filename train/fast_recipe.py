@@ -264,10 +264,11 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
 def draw_dropout_masks_with_torch() -> None:
     """Let compiled graphs call torch's dropout kernel instead of generating the random numbers in Triton.
 
-    Inductor draws one Philox call per element (tl.rand keeps one of its four outputs); LoRA's seven dropouts per
-    layer are 237M elements per pass at 4096 tokens on the 22b widths, and that integer work was most of the Triton
-    time in the profile. torch's own kernel keeps all four. A process-wide inductor setting (`fallback_random`):
-    the decoder layers are all this process compiles.
+    Inductor draws one Philox call per element (tl.rand keeps one of its four outputs) inside the kernel that uses
+    them; torch's kernel keeps all four but writes the mask and the dropped tensor to memory for the next kernel to
+    read. On the 22b the second cost more: 2-3% fewer tokens/s (benchmarks/RESULTS.md), so `train.fast.torch_dropout`
+    is off by default. A process-wide inductor setting (`fallback_random`): the decoder layers are all this process
+    compiles.
     """
     import torch._inductor.config
 
