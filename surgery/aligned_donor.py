@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -353,6 +355,44 @@ def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32) -> flo
     return 2 * size**3 / best
 
 
+def rotated_blocks(plan: SurgeryPlan) -> Counter[tuple[bool, int, int]]:
+    """How many donor blocks of each (is a writer, rows, columns) the surgery will rotate."""
+    blocks: Counter[tuple[bool, int, int]] = Counter()
+    for t in plan.tensors:
+        if t.donor_region is not None and len(t.donor_region) == 2:
+            (row_start, row_stop), (column_start, column_stop) = t.donor_region
+            writer = t.kind in LINEARS and LINEARS[t.kind][0] == "writer"
+            blocks[writer, row_stop - row_start, column_stop - column_start] += 1
+    return blocks
+
+
+def rotation_seconds(blocks: Counter[tuple[bool, int, int]], width: int, device: torch.device,
+                     probe: int = 512) -> float:
+    """Seconds the rotations of `blocks` take: the surgery's own Rotation timed on a random slice (`probe` rows of a
+    reader, columns of a writer) of each block shape, scaled to the block.
+
+    A matmul rate would miss most of it on a GPU: there the time is each block's trip from CPU memory and back in
+    fp32 (an H200 rotated a llama-30b layer at 3 TFLOP/s, benchmarks/RESULTS.md), and the work scales with the
+    rows of a reader and the columns of a writer, as the slice's does.
+    """
+    rotation = Rotation(q=torch.randn(width, width, device=device))
+    total = 0.0
+    for (writer, rows, columns), count in blocks.items():
+        if writer:
+            part = min(columns, probe)
+            weight = torch.randn(width, part, dtype=torch.bfloat16)
+            run, scale = functools.partial(rotation.write, weight, slice(0, rows)), columns / part
+        else:
+            part = min(rows, probe)
+            weight = torch.randn(part, width, dtype=torch.bfloat16)
+            run, scale = functools.partial(rotation.read, weight, slice(0, columns)), rows / part
+        run()  # warm-up: the first call on a device pays for its kernels' setup
+        started = time.perf_counter()
+        run()  # ends in .cpu(), which waits for the device
+        total += (time.perf_counter() - started) * scale * count
+    return total
+
+
 def alignment_estimate(plan: SurgeryPlan, align: str, select: str) -> str:
     """The --dry-run lines for surgery.align / surgery.select: what will be computed, and about how long it takes."""
     device = compute_device()
@@ -362,9 +402,9 @@ def alignment_estimate(plan: SurgeryPlan, align: str, select: str) -> str:
         lines.append(f"  Hungarian assignment on the {plan.base.widths.hidden_size} x {width} embedding column "
                      "correlations; the donor's tensors are only re-indexed (no matmul)")
     if align == "rotation":
-        regions = [t.donor_region for t in plan.tensors if t.donor_region is not None and len(t.donor_region) == 2]
-        flops = sum(2 * (rows[1] - rows[0]) * width * (cols[1] - cols[0]) for rows, cols in regions)
-        rate = matmul_rate(device)
+        blocks = rotated_blocks(plan)
+        flops = sum(2 * rows * width * cols * count for (_, rows, cols), count in blocks.items())
+        seconds = rotation_seconds(blocks, width, device)
         base_width = plan.base.widths.hidden_size
         products = 2 * vocab * width * (width + base_width)  # the Gram matrix and E_donor^T E_base
         decompositions = 10 * width**3  # eigh of the Gram, SVD of the d' x d map, QR: rough, and slower per FLOP
@@ -374,8 +414,9 @@ def alignment_estimate(plan: SurgeryPlan, align: str, select: str) -> str:
             f"{products / 1e12:.2f} TFLOP of products (~{products / rate64:.0f} s at {rate64 / 1e9:.0f} GFLOP/s, "
             f"probe matmul) + ~{decompositions / 1e12:.1f} TFLOP of decompositions (eigh, SVD, QR; these run below "
             "the matmul rate)",
-            f"  rotating the {len(regions)} donor blocks the plan reads: {flops / 1e12:.2f} TFLOP in fp32 on "
-            f"{device.type}, ~{flops / rate:.0f} s at {rate / 1e12:.2f} TFLOP/s (probe matmul)",
+            f"  rotating the {sum(blocks.values())} donor blocks the plan reads: {flops / 1e12:.2f} TFLOP in fp32 on "
+            f"{device.type}, ~{seconds:.0f} s (a slice of each block shape rotated on random data, transfers "
+            "included)",
         ]
     if select == "output":
         depth = max(plan.donor_layers) + 1
