@@ -1,9 +1,9 @@
 """Eval's GPU budget: free memory less the largest forward's activations and the allocator's slack, one rule that
 eval applies (eval/precision.py, eval/placement.py) and the doctor predicts (pipeline/doctor.py).
 
-The rehearsal (benchmarks/RESULTS.md, Rehearsal, run 1) is the case it exists for: eval capped at 6 GiB on the
-22b's widths at 6 layers put 4.6 GB of weights on the GPU under the old `free / 1.3` rule, and the first 25-shot
-ARC batch (8 x 1306 tokens) ran out of memory.
+The first rehearsal (benchmarks/RESULTS.md, Rehearsal: the previous run) is the case it exists for: eval capped
+at 6 GiB on the 22b's widths at 6 layers put 4.6 GB of weights on the GPU under the old `free / 1.3` rule, and the
+first 25-shot ARC batch (8 x 1306 tokens) ran out of memory; the rehearsal after the fix passed under that cap.
 """
 
 from __future__ import annotations
