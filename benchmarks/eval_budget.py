@@ -130,6 +130,11 @@ def specs_of(args: argparse.Namespace) -> dict[str, SimpleNamespace]:
                                   vocab=args.vocab) for name, (hidden, heads, intermediate) in widths.items()}
 
 
+def bench_device(args: argparse.Namespace) -> torch.device:
+    """Where the models load and the forwards run: the GPU, unless --quick or there is none."""
+    return torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+
+
 def largest_forward(args: argparse.Namespace):
     """eval's own estimate of its largest forward over both models (default settings at --batch, bf16)."""
     shapes = [LlamaShape(s.hidden, s.intermediate, s.layers, s.heads, s.heads, s.hidden // s.heads, s.vocab)
@@ -142,7 +147,7 @@ def measure_cell(args: argparse.Namespace) -> None:
     """One model under one rule, in a process of its own (a forward that ran out of memory can leave the model
     referenced, so a next load in the same process would see a fuller card): prints one JSON line."""
     model_name, folder, rule_name = args.cell
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    device = bench_device(args)
     card_bytes = int(args.card_gib * GIB)
     activations = largest_forward(args).activations
     if device.type == "cuda":
@@ -183,14 +188,15 @@ def main() -> None:
     if args.cell:
         measure_cell(args)
         return
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    device = bench_device(args)
     card_bytes = int(args.card_gib * GIB)
     seqs = [int(seq) for seq in args.seqs.split(",")]
     estimate = largest_forward(args)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folders = {name: Path(tmp) / name for name in specs_of(args)}
+        folders = {}
         for name, spec in specs_of(args).items():  # the random init runs on the GPU, in fp32 first
+            folders[name] = Path(tmp) / name
             build_checkpoint(folders[name], spec, device)
             release()
         print(f"{args.layers} layers, vocab {args.vocab}, card {args.card_gib} GiB; eval's largest forward (default "

@@ -176,6 +176,13 @@ def best(runs: list[Measured]) -> Measured:
                     min(r.block_out_gb for r in runs))
 
 
+def print_checks(checks: list[tuple[str, bool]]) -> bool:
+    """One PASS or MISS line per (text, met) target; True when every target is met."""
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}  {text}")
+    return all(ok for _, ok in checks)
+
+
 def report(results: list[dict], mode: str) -> bool:
     print(f"\nsurgery ({mode}, bf16) vs a plain copy of the same bytes; fastest run of each, ratio = surgery / copy;"
           " median ratio over the paired runs")
@@ -211,9 +218,7 @@ def report(results: list[dict], mode: str) -> bool:
             (f"wall time grown {r['layers']} layers x{grown_ratio:.2f} the copy (<= x{TARGETS['wall_ratio']})",
              grown_ratio <= TARGETS["wall_ratio"]),
         ]
-    for text, ok in checks:
-        print(f"{'PASS' if ok else 'MISS'}  {text}")
-    return all(ok for _, ok in checks)
+    return print_checks(checks)
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from surgery_bench import Measured, measure, write_random_llama
+from surgery_bench import Measured, measure, print_checks, write_random_llama
 
 # base widths and the target's, per --shape: small for a CPU box, 22b for Llama-2-13b -> llama-30b's widths
 SHAPES = {
@@ -91,9 +91,7 @@ def report(results: list[dict]) -> bool:
         growth = r["streamed"].peak_rss_gb / first.peak_rss_gb
         checks.append((f"streamed peak RSS at {r['label']} layers x{growth:.3f} the {results[0]['label']}-layer "
                        f"run's (no growth: <= x{TARGETS['rss_growth']})", growth <= TARGETS["rss_growth"]))
-    for text, ok in checks:
-        print(f"{'PASS' if ok else 'MISS'}  {text}")
-    return all(ok for _, ok in checks)
+    return print_checks(checks)
 
 
 def main() -> int:
