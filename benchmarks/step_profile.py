@@ -8,7 +8,9 @@ train_bench's `--profile` runs this on one cell. It answers the questions one de
 - how many host reads of a tensor's value (`aten::_local_scalar_dense`: `.item()`, `bool(t)`, `.tolist()`)
   and explicit synchronizations there are, and from where;
 - GPU time by kind of kernel (matmul, Triton, NF4 dequantization, attention, copies, optimizer), and how much of
-  the step's wall time the GPU was busy at all.
+  the step's wall time the GPU was busy at all;
+- the matmul time split into the frozen base's products and LoRA's rank-r ones (by the issuing op's shapes: a
+  LoRA product has the rank as one dimension), and the kernels that take the most time.
 
 On CPU there is no device timeline: only the host reads and their call chains are reported (enough to check
 that the profiling runs).
@@ -70,16 +72,36 @@ def busy_time_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarize(events, wall_s: float, top: int = 4) -> dict:
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+
+
+def matmul_share(event, rank_at_most: int) -> str | None:
+    """'LoRA' or 'base' for a host matmul op by its operands' shapes; None for other ops or unknown shapes."""
+    if event.name not in MATMUL_OPS or not event.input_shapes:
+        return None
+    dims = [d for shape in event.input_shapes[:3] if shape for d in shape[-2:]]
+    return "LoRA" if dims and min(dims) <= rank_at_most else "base"
+
+
+def summarize(events, wall_s: float, top: int = 4, rank_at_most: int = 256, top_kernels: int = 12) -> dict:
     """Counts, times and the most frequent call chains of one profiled step (events: profiler.events())."""
-    device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    # GPU-side user annotations (torch.compile's "## Call CompiledFxGraph ... ##") span kernels, they are not ones.
+    device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU and not e.name.startswith("## ")]
     host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     by_kind: dict[str, float] = defaultdict(float)
     for event in device:
         by_kind[kernel_kind(event.name)] += event.time_range.end - event.time_range.start
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in device:
+        kernels[event.name[:100]][0] += 1
+        kernels[event.name[:100]][1] += event.time_range.end - event.time_range.start
+    matmul_ms: dict[str, float] = defaultdict(float)
     dtoh_chains: Counter[str] = Counter()
     pageable = 0
     for event in host:  # a device copy is attached to the host op that issued it
+        share = matmul_share(event, rank_at_most)
+        if share is not None:
+            matmul_ms[share] += sum(kernel.duration for kernel in event.kernels)
         for kernel in event.kernels:
             if "DtoH" in kernel.name:
                 dtoh_chains[call_chain(event)] += 1
@@ -91,6 +113,9 @@ def summarize(events, wall_s: float, top: int = 4) -> dict:
         "wall_ms": round(wall_s * 1e3, 1),
         "gpu_busy_ms": round(busy / 1e3, 1),
         "gpu_ms_by_kind": {k: round(v / 1e3, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "matmul_ms_by_share": {k: round(v / 1e3, 1) for k, v in sorted(matmul_ms.items())},
+        "top_kernels": [(name, count, round(us / 1e3, 1))
+                        for name, (count, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top_kernels]],
         "dtoh_copies": sum(dtoh_chains.values()),
         "dtoh_pageable": pageable,
         "host_reads": sum(reads.values()),
@@ -106,6 +131,11 @@ def format_summary(summary: dict, cell: str) -> str:
     if summary["gpu_ms_by_kind"]:
         kinds = ", ".join(f"{kind} {ms} ms" for kind, ms in summary["gpu_ms_by_kind"].items())
         lines.append(f"[profile] GPU time by kind: {kinds}")
+    if summary.get("matmul_ms_by_share"):
+        shares = ", ".join(f"{share} {ms} ms" for share, ms in summary["matmul_ms_by_share"].items())
+        lines.append(f"[profile] matmul ops' kernels by operand shapes: {shares}")
+    for name, count, ms in summary.get("top_kernels", []):
+        lines.append(f"[profile]   kernel {ms:8.1f} ms {count:5d}x  {name}")
     for title, key in (("device-to-host copies", "dtoh_top"), ("host reads of a tensor value", "host_reads_top"),
                        ("explicit synchronizations", "syncs_top")):
         lines.append(f"[profile] {title}, most frequent call chains (innermost first):")
@@ -131,7 +161,7 @@ class ProfileOneStep(TrainerCallback):
         activities += [torch.profiler.ProfilerActivity.CUDA] if self.cuda else []
         if self.cuda:
             torch.cuda.synchronize()
-        self.profiler = torch.profiler.profile(activities=activities, with_stack=True)
+        self.profiler = torch.profiler.profile(activities=activities, with_stack=True, record_shapes=True)
         self.profiler.start()
         self.started = time.perf_counter()
 
