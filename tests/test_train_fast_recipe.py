@@ -1,4 +1,5 @@
-"""The fast recipe's CPU-checkable parts: one dequantization per pass computes exactly what bitsandbytes does."""
+"""The fast recipe's CPU-checkable parts: one dequantization per pass computes exactly what bitsandbytes does, and every
+checkpointing mode backpropagates what transformers' checkpointing does."""
 
 from __future__ import annotations
 
@@ -45,6 +46,31 @@ def test_dequantize_once_matches_bitsandbytes_in_training_and_defers_in_eval():
         assert torch.equal(patched(x), reference(x))
 
 
+@pytest.mark.parametrize("shape,nested", [((96, 128), True), ((600, 640), True), ((64, 320), False)])
+def test_one_kernel_dequantization_is_bitsandbytes_bit_for_bit(shape, nested):
+    """Through the custom op's CPU path: the QuantState's parts reach it in bitsandbytes' order (600 x 640 has
+    6000 blocks, so more than one 256-block of the nested absmax). The CUDA kernel is checked on the GPU by
+    benchmarks/dequant_bench.py."""
+    from train.nf4_kernel import dequantize
+
+    torch.manual_seed(3)
+    weight = bnb.nn.Params4bit(torch.randn(shape) * 0.05, requires_grad=False, quant_type="nf4",
+                               compress_statistics=nested).to("cpu")
+    assert torch.equal(dequantize(weight.data, weight.quant_state),
+                       bnb.functional.dequantize_4bit(weight.data, weight.quant_state))
+
+
+def test_one_kernel_path_trains_exactly_like_bitsandbytes():
+    kernel, one = torch.nn.Sequential(_nf4_linear(4)), torch.nn.Sequential(_nf4_linear(4))
+    dequantize_once_per_pass(kernel)
+    dequantize_once_per_pass(one, one_kernel=True)
+    assert one[0].dequantize_in_one_kernel and not kernel[0].dequantize_in_one_kernel
+    x = torch.randn(3, 5, 128)
+    out_kernel, grad_kernel = _forward_backward(kernel.train(), x)
+    out_one, grad_one = _forward_backward(one.train(), x)
+    assert torch.equal(out_one, out_kernel) and torch.equal(grad_one, grad_kernel)
+
+
 def test_output_keeps_the_input_dtype_so_an_fp32_stream_stays_fp32():
     layer = torch.nn.Sequential(_nf4_linear(1))
     layer[0].compute_dtype = torch.bfloat16
@@ -62,7 +88,7 @@ def _no_compile(forward, **options):
     return forward
 
 
-def _lora_llama(folder, checkpointing: str | None):
+def _lora_llama(folder, checkpointing: str | None, saved_layers: int = 0):
     """A tiny Llama with dropout-0.1 LoRA and non-zero B matrices (so A's gradient depends on the dropout masks)."""
     from transformers import AutoModelForCausalLM
 
@@ -78,7 +104,8 @@ def _lora_llama(folder, checkpointing: str | None):
             if "lora_B" in name:
                 param.normal_(0.0, 0.1)
     if checkpointing is not None:
-        compile_decoder_layers(peft_model.get_base_model().model.layers, checkpointing, compiler=_no_compile)
+        compile_decoder_layers(peft_model.get_base_model().model.layers, checkpointing, compiler=_no_compile,
+                               saved_layers=saved_layers, rank=4)
     return peft_model.train()
 
 
@@ -89,12 +116,14 @@ def _loss_and_gradients(model, ids: torch.Tensor) -> tuple[float, dict[str, torc
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("checkpointing", ["full", "selective", "offload"])
-def test_every_checkpointing_mode_backpropagates_what_transformers_checkpointing_does(tiny_llama, checkpointing):
+@pytest.mark.parametrize("checkpointing,saved_layers",
+                         [("full", 0), ("selective", 0), ("selective", 2), ("offload", 0)])
+def test_every_checkpointing_mode_backpropagates_what_transformers_checkpointing_does(tiny_llama, checkpointing,
+                                                                                       saved_layers):
     folder = tiny_llama(num_hidden_layers=3)
     ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
     reference_loss, reference = _loss_and_gradients(_lora_llama(folder, None), ids)
-    loss, gradients = _loss_and_gradients(_lora_llama(folder, checkpointing), ids)
+    loss, gradients = _loss_and_gradients(_lora_llama(folder, checkpointing, saved_layers), ids)
     assert loss == pytest.approx(reference_loss, rel=1e-6)
     assert gradients.keys() == reference.keys()
     for name, gradient in gradients.items():
@@ -104,7 +133,7 @@ def test_every_checkpointing_mode_backpropagates_what_transformers_checkpointing
     assert first_q.abs().sum() > 0
 
 
-def test_selective_checkpointing_skips_exactly_each_layers_down_proj_product_in_the_backward(tiny_llama):
+def test_selective_checkpointing_skips_down_proj_or_every_frozen_product_in_the_backward(tiny_llama):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountProducts(TorchDispatchMode):
@@ -116,14 +145,17 @@ def test_selective_checkpointing_skips_exactly_each_layers_down_proj_product_in_
             self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
             return func(*args, **(kwargs or {}))
 
-    layers = 3
+    layers, saved = 3, 2
     folder = tiny_llama(num_hidden_layers=layers)
     ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
     counts = {}
-    for checkpointing in ("full", "selective"):
-        model = _lora_llama(folder, checkpointing)
+    for name, checkpointing, saved_layers in (("full", "full", 0), ("selective", "selective", 0),
+                                              ("saved", "selective", saved)):
+        model = _lora_llama(folder, checkpointing, saved_layers)
         loss = model(input_ids=ids, labels=ids).loss
         with CountProducts() as products:
             loss.backward()
-        counts[checkpointing] = products.count
+        counts[name] = products.count
     assert counts["full"] - counts["selective"] == layers
+    # A layer that keeps its frozen products runs none of its 7 again (LoRA's rank-4 products it does rerun).
+    assert counts["full"] - counts["saved"] == (layers - saved) + 7 * saved

@@ -39,19 +39,32 @@ log = logging.getLogger(__name__)
 def _dequantize_once_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not (self.training and torch.is_grad_enabled()):
         return type(self).forward(self, x)  # generation keeps bitsandbytes' fast small-batch kernels
-    import bitsandbytes.functional as bnbf
+    if self.dequantize_in_one_kernel:
+        from train.nf4_kernel import dequantize
 
-    weight = bnbf.dequantize_4bit(self.weight.data, self.weight.quant_state).to(self.compute_dtype or x.dtype)
+        weight = dequantize(self.weight.data, self.weight.quant_state)
+    else:
+        import bitsandbytes.functional as bnbf
+
+        weight = bnbf.dequantize_4bit(self.weight.data, self.weight.quant_state)
+    weight = weight.to(self.compute_dtype or x.dtype)
     # Like bitsandbytes: compute in the compute dtype, hand back the input's dtype (fp32 stream stays fp32).
     return F.linear(x.to(weight.dtype), weight, self.bias).to(x.dtype)
 
 
-def dequantize_once_per_pass(model: torch.nn.Module) -> int:
-    """Route every training forward of a 4-bit linear through F.linear on its dequantized weight."""
+def dequantize_once_per_pass(model: torch.nn.Module, one_kernel: bool = False) -> int:
+    """Route every training forward of a 4-bit linear through F.linear on its dequantized weight.
+
+    `one_kernel`: NF4 weights of whole blocks are dequantized by train/nf4_kernel.py (the same bits in one kernel
+    instead of bitsandbytes' three); FP4 weights keep bitsandbytes' kernel.
+    """
     import bitsandbytes as bnb
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     for layer in layers:
+        state = layer.weight.quant_state
+        layer.dequantize_in_one_kernel = (one_kernel and state.quant_type == "nf4"
+                                          and state.shape.numel() % state.blocksize == 0)
         layer.forward = types.MethodType(_dequantize_once_forward, layer)
     return len(layers)
 
@@ -76,13 +89,41 @@ def keep_down_proj_output(hidden_size: int, intermediate_size: int):
     Of a Llama layer's matmuls, down_proj's (K = intermediate, N = hidden) gives the most FLOPs per byte kept:
     2 x intermediate FLOPs per output element, 2.7x q/k/v/o's or gate/up's on the 22b widths. Its input is still
     recomputed (down_proj's LoRA needs it), so only that one product is skipped. Matched by shape, because the
-    policy sees aten ops, not modules; LoRA's products have the rank as one dimension and never match.
+    policy sees aten ops, not modules; LoRA's products have the rank as one dimension and never match. Under
+    torch.compile the backward graph drops that product anyway (the backward never reads it), so there the policy
+    changes nothing; what pays is the recompute compiled into the backward graph.
     """
     def policy(ctx, op, *args, **kwargs):
         if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
             a, b = args[-2], args[-1]
             if a.shape[-1] == intermediate_size and b.shape[-1] == hidden_size:
                 return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+ATTENTION_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name))
+
+
+def keep_frozen_products(rank: int):
+    """A selective-checkpointing policy: save every frozen matmul product and attention's output.
+
+    What the backward then recomputes is cheap: norms, RoPE, SwiGLU, LoRA's rank-r products and dropout, and the
+    dequantized weights (the input gradients need them; kept, they would cost a layer's weights in bf16). What it
+    no longer recomputes is most of a layer's FLOPs: q, k, v, o, gate and up (down's product is never needed) and
+    the attention forward, for (5 x hidden + 2 x intermediate) x 2 bytes per token kept. LoRA's products are told
+    apart by having the rank as one dimension.
+    """
+    def policy(ctx, op, *args, **kwargs):
+        if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            if min(args[-2].shape[-1], args[-1].shape[-1]) > rank:
+                return CheckpointPolicy.MUST_SAVE
+        elif op in ATTENTION_OPS:
+            return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 
     return policy
@@ -225,26 +266,33 @@ def cudnn_attention_first():
 
 
 def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "full", cuda_graphs: bool = False,
-                           compiler=torch.compile, attention_context=contextlib.nullcontext) -> int:
+                           compiler=torch.compile, attention_context=contextlib.nullcontext,
+                           saved_layers: int = 0, rank: int = 0) -> int:
     """torch.compile each decoder layer's training forward and take over its activation checkpointing.
 
     transformers checkpoints around the layer's `__call__` (5.17) or inside its `forward` (5.24); doing it here
     instead makes the compiled region the same on both: the layer's own forward, checkpointed outside (`full`,
     `offload`) or inside (`selective`). Layers that were not checkpointed are compiled alone. Training blocks all
     have one shape, so one static graph serves every step; generation (the watchdog's probes, with a growing KV
-    cache) and no-grad forwards keep the eager forward instead of recompiling for every length.
+    cache) and no-grad forwards keep the eager forward instead of recompiling for every length. Under `selective`,
+    the last `saved_layers` layers keep their frozen matmul products for the backward (`keep_frozen_products`,
+    `rank` being LoRA's); they share a second compiled graph.
     """
     compiler = functools.partial(compiler, dynamic=False, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
     offload = ActivationOffload(len(layers)) if checkpointing == "offload" else None
     down_proj = layers[0].mlp.down_proj  # a LoRA wrapper knows its base layer's widths
-    selective = (compiler(selective_checkpoint(keep_down_proj_output(down_proj.out_features, down_proj.in_features)))
-                 if checkpointing == "selective" else None)
+    selective = saving = None
+    if checkpointing == "selective":
+        selective = compiler(selective_checkpoint(keep_down_proj_output(down_proj.out_features,
+                                                                        down_proj.in_features)))
+        saving = compiler(selective_checkpoint(keep_frozen_products(rank))) if saved_layers else None
     for index, layer in enumerate(layers):
         eager = types.MethodType(type(layer).forward, layer)
         if not getattr(layer, "gradient_checkpointing", False):
             train_forward = compiler(eager)
         elif selective is not None:
-            train_forward = functools.partial(selective, layer)
+            kept = saving is not None and index >= len(layers) - saved_layers
+            train_forward = functools.partial(saving if kept else selective, layer)
         elif offload is not None:
             train_forward = offloaded_checkpoint(compiler(eager), offload.slots[index], attention_context)
         else:
@@ -278,16 +326,21 @@ def draw_dropout_masks_with_torch() -> None:
 def apply_cuda_levers(peft_model: torch.nn.Module, fast: FastRecipeConfig) -> list[str]:
     """Apply every lever to a LoRA-wrapped 4-bit Llama on CUDA; returns their names for the log."""
     causal_lm = peft_model.get_base_model()
-    applied = [f"one dequantization per pass on {dequantize_once_per_pass(causal_lm)} 4-bit linears"]
+    one_kernel = fast.dequantize == "triton"
+    applied = [f"one dequantization per pass ({'one Triton kernel' if one_kernel else 'bitsandbytes'}) on "
+               f"{dequantize_once_per_pass(causal_lm, one_kernel)} 4-bit linears"]
     if fuse_linear_cross_entropy(causal_lm):
         applied.append("fused linear cross-entropy (liger-kernel)")
     if fast.torch_dropout:
         draw_dropout_masks_with_torch()
     attention = cudnn_attention_first if fast.cudnn_attention else contextlib.nullcontext
+    rank = max(peft_model.peft_config[name].r for name in peft_model.peft_config)
+    saved_layers = fast.saved_layers if fast.checkpointing == "selective" else 0
     compiled = compile_decoder_layers(causal_lm.model.layers, fast.checkpointing, fast.cuda_graphs,
-                                      attention_context=attention)
+                                      attention_context=attention, saved_layers=saved_layers, rank=rank)
     extras = [name for name, on in (("CUDA graphs", fast.cuda_graphs), ("torch dropout", fast.torch_dropout),
                                     ("cuDNN attention", fast.cudnn_attention)) if on]
+    saved = f", frozen products kept in the last {saved_layers}" if saved_layers else ""
     applied.append(f"{compiled} compiled decoder layers{' with ' + ', '.join(extras) if extras else ''}, "
-                   f"{fast.checkpointing} activation checkpointing")
+                   f"{fast.checkpointing} activation checkpointing{saved}")
     return applied
