@@ -329,7 +329,7 @@ def run_train(config: RunConfig, resume: bool = True, restart_if_unfit: bool = F
         callbacks += [watchdog] if watchdog else []
         trainer = build_trainer(model, corpus.dataset(), train, out_dir, config.seed, device, callbacks,
                                 heldout_set(train, tokenizer, corpus.heldout_path))
-        run_training(trainer, resume_from, out_dir)
+        run_training(trainer, resume_from, out_dir, train)
         if watchdog is not None and watchdog.tripped is not None:
             raise UserError(
                 f"training stopped at step {trainer.state.global_step}: the degeneration watchdog judged the greedy "

@@ -286,12 +286,33 @@ def build_trainer(model, dataset, train: TrainConfig, out_dir: Path, seed: int, 
     )
 
 
-def run_training(trainer: QLoRATrainer, resume_from: Path | None, out_dir: Path) -> None:
-    """Train to max_steps (from `resume_from` if given); a non-finite loss ends in a one-line error."""
+def out_of_memory_advice(train: TrainConfig) -> str:
+    """What frees GPU memory in this run's settings, most speed kept first (for the out-of-memory error)."""
+    fast = train.fast
+    steps = []
+    if train.recipe == "fast" and fast.checkpointing == "selective" and fast.saved_layers:
+        steps.append(f"lower train.fast.saved_layers (now {fast.saved_layers}; each is ~0.5 GiB on the 22b)")
+    if train.batch_size > 1:
+        steps.append(f"halve train.batch_size (now {train.batch_size}) and double train.grad_accum")
+    if train.recipe == "fast" and fast.checkpointing != "offload":
+        steps.append("set train.fast.checkpointing=offload")
+    steps.append("lower train.lora.r or train.seq_len")
+    return "; or ".join(steps)
+
+
+def run_training(trainer: QLoRATrainer, resume_from: Path | None, out_dir: Path, train: TrainConfig) -> None:
+    """Train to max_steps (from `resume_from` if given); a non-finite loss or running out of GPU memory ends in a
+    one-line error that says what to change (the checkpoints saved so far are kept for a resume)."""
     trainer.args.eval_on_start = resume_from is None and trainer.args.eval_strategy != "no"
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError:
+        last = newest_complete_checkpoint(out_dir)
+        kept = f"{last} is kept and the rerun resumes from it" if last else "no checkpoint was saved yet"
+        raise UserError(f"the GPU ran out of memory at step {trainer.state.global_step}; "
+                        f"{out_of_memory_advice(train)}; {kept}") from None
     if trainer.non_finite_step is not None:
         last = newest_complete_checkpoint(out_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
