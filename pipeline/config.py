@@ -140,7 +140,8 @@ class FastRecipeConfig(StrictModel):
     """Levers of the fast recipe on CUDA (train/fast_recipe.py), each measured on its own in benchmarks/RESULTS.md."""
 
     # What each decoder layer keeps for its backward. full: its input only (the layer runs again in the backward);
-    # selective: also its down_proj output (seq x hidden bf16 per layer), so that largest matmul runs once;
+    # selective: its input too, but the recompute is compiled into the backward, which runs only what the backward
+    # reads (not down_proj's product), and `saved_layers` layers also keep their frozen products;
     # offload: its input only, in pinned CPU memory (frees seq x hidden x 4 bytes of GPU memory per layer).
     checkpointing: Literal["full", "selective", "offload"] = "selective"
     cuda_graphs: bool = False  # torch.compile's reduce-overhead mode for the compiled decoder layers

@@ -9,15 +9,17 @@ each lever kept only if it paid on its own:
 - **Dequantize once per layer and pass.** bitsandbytes dequantizes each 4-bit weight in the forward and again
   in the backward. A plain `F.linear` on the dequantized weight lets autograd keep that bf16 weight for the
   backward instead; under activation checkpointing the first forward keeps nothing, so the extra memory is one
-  decoder layer's weights (about 1 GB on the 22b shape) during its recompute and backward.
+  decoder layer's weights (about 1 GB on the 22b shape) during its recompute and backward. The dequantization
+  itself is one Triton kernel (train/nf4_kernel.py, `train.fast.dequantize`), the same bits as bitsandbytes'.
 - **Compiled decoder layers** (`torch.compile` per layer): fuses the residual adds, norms, SwiGLU, RoPE and the
   LoRA elementwise work that otherwise run as hundreds of small kernels per layer.
 - **Fused linear cross-entropy** (liger-kernel, optional): the 32000-wide fp32 logits and their gradient are
   never materialized, which frees the memory for a micro-batch of 2 at 2048 tokens.
 - **What a layer keeps for its backward** (`train.fast.checkpointing`): `full` keeps only its input and runs the
-  layer again in the backward; `selective` also keeps its down_proj output (seq x hidden in bf16), so the largest
-  matmul is not run twice and the recompute is compiled into the backward; `offload` keeps only the input, in
-  pinned CPU memory, which frees seq x hidden x 4 bytes per layer (what lets the 33b shape fit).
+  layer again in the backward; `selective` keeps the same, but the recompute is compiled into the backward graph,
+  which reruns only what the backward reads (down_proj's product never is), and the last `train.fast.saved_layers`
+  layers also keep q, k, v, o, gate and up's products and attention's output, so those run once; `offload` keeps
+  only the input, in pinned CPU memory, which frees seq x hidden x 4 bytes per layer (what lets the 33b fit).
 """
 
 from __future__ import annotations
