@@ -129,7 +129,9 @@ def load_base_model(model_dir: Path, quantization: str, device: torch.device, sh
     """The frozen base, NF4-quantized while loading (never materialized in full precision on the GPU).
 
     Each process loads onto its own GPU (`device` is cuda:<local rank> in a worker); with `sharded` FSDP then
-    keeps only this process's shard of every decoder layer.
+    keeps only this process's shard of every decoder layer. On CPU the 4-bit weights keep bitsandbytes' packed
+    layout (`keep_cpu_4bit_weights_trainable`): every user of this model, training, the merge and its checks,
+    reads that layout, and the AVX512-BF16 repacking fails outright on weights narrower than a block.
     """
     from transformers import AutoModelForCausalLM
 
@@ -145,6 +147,7 @@ def load_base_model(model_dir: Path, quantization: str, device: torch.device, sh
             f"cannot load the model from {model_dir} ({reason}); check the folder is a complete HF model"
         ) from None
     if quantization == "nf4":
+        keep_cpu_4bit_weights_trainable(model)
         blocks = keep_zero_blocks_zero(model, model_dir)
         if blocks:
             log.info("model: %s all-zero blocks of the checkpoint coded as exact zeros in NF4", f"{blocks:,}")
