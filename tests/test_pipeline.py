@@ -38,6 +38,15 @@ def test_bad_config_names_the_key(override, fragment):
         load_config(REPO / "configs/smoke.yaml", [override])
 
 
+def test_saved_layers_asked_for_under_another_checkpointing_mode_is_refused_with_the_fix():
+    offload = ["train.fast.checkpointing=offload"]
+    assert load_config(REPO / "configs/smoke.yaml", offload).train.fast.saved_layers == 6  # the default: ignored
+    with pytest.raises(UserError) as error:
+        load_config(REPO / "configs/smoke.yaml", [*offload, "train.fast.saved_layers=2"])
+    message = str(error.value)
+    assert "\n" not in message and "needs train.fast.checkpointing=selective" in message
+
+
 def test_overrides_parse_yaml_values_and_change_fingerprint():
     base = load_config(REPO / "configs/smoke.yaml")
     changed = load_config(REPO / "configs/smoke.yaml", ["train.max_steps=7"])
