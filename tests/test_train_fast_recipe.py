@@ -159,3 +159,43 @@ def test_selective_checkpointing_skips_down_proj_or_every_frozen_product_in_the_
     assert counts["full"] - counts["selective"] == layers
     # A layer that keeps its frozen products runs none of its 7 again (LoRA's rank-4 products it does rerun).
     assert counts["full"] - counts["saved"] == (layers - saved) + 7 * saved
+
+
+def test_under_compile_a_saved_layer_skips_six_frozen_products_and_the_others_only_down_proj(tiny_llama):
+    """What the GPU runs: the layers compiled with AOTAutograd's min-cut partitioner (inductor's), graphs kept as
+    FX instead of being lowered. The backward graph of an ordinary selective layer reruns 6 of the 7 frozen
+    products (down_proj's is never read), a saved layer's none, and both train exactly as the eager model does."""
+    import functools
+
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    backward_graphs = []
+
+    def keep_backward(graph, example_inputs):
+        backward_graphs.append(graph)
+        return graph
+
+    backend = aot_autograd(fw_compiler=lambda graph, example_inputs: graph, bw_compiler=keep_backward,
+                           partition_fn=min_cut_rematerialization_partition)
+    folder = tiny_llama(num_hidden_layers=2, intermediate_size=96)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
+    reference_loss, reference = _loss_and_gradients(_lora_llama(folder, None), ids)
+
+    torch._dynamo.reset()
+    model = _lora_llama(folder, None)
+    from train.fast_recipe import compile_decoder_layers
+
+    compile_decoder_layers(model.get_base_model().model.layers, "selective", saved_layers=1, rank=4,
+                           compiler=functools.partial(torch.compile, backend=backend))
+    loss, gradients = _loss_and_gradients(model, ids)
+
+    def products(graph):
+        return sum(node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+                   for node in graph.graph.nodes)
+
+    saved, ordinary = (products(graph) for graph in backward_graphs)  # autograd reaches the last layer first
+    assert len(backward_graphs) == 2 and ordinary - saved == 6
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, gradient in gradients.items():
+        assert torch.allclose(gradient, reference[name], rtol=1e-4, atol=1e-6), name
