@@ -89,12 +89,12 @@ def summarize(events, wall_s: float, top: int = 4, rank_at_most: int = 256, top_
     device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU and not e.name.startswith("## ")]
     host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     by_kind: dict[str, float] = defaultdict(float)
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])  # name -> [count, us]
     for event in device:
-        by_kind[kernel_kind(event.name)] += event.time_range.end - event.time_range.start
-    kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for event in device:
+        us = event.time_range.end - event.time_range.start
+        by_kind[kernel_kind(event.name)] += us
         kernels[event.name[:100]][0] += 1
-        kernels[event.name[:100]][1] += event.time_range.end - event.time_range.start
+        kernels[event.name[:100]][1] += us
     matmul_ms: dict[str, float] = defaultdict(float)
     dtoh_chains: Counter[str] = Counter()
     pageable = 0

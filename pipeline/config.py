@@ -158,6 +158,11 @@ class FastRecipeConfig(StrictModel):
     # reserved and was no faster); ignored under the other modes.
     saved_layers: int = Field(default=6, ge=0)
 
+    @property
+    def saved_layers_in_effect(self) -> int:
+        """saved_layers where it applies (selective checkpointing), else 0."""
+        return self.saved_layers if self.checkpointing == "selective" else 0
+
     @model_validator(mode="after")
     def _saved_layers_need_selective(self):
         if "saved_layers" in self.model_fields_set and self.saved_layers and self.checkpointing != "selective":

@@ -85,6 +85,9 @@ def fuse_linear_cross_entropy(model: torch.nn.Module) -> bool:
 
 # ---- what a decoder layer keeps for its backward -----------------------------------------------------------
 
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)  # what F.linear becomes in a traced layer
+
+
 def keep_down_proj_output(hidden_size: int, intermediate_size: int):
     """A selective-checkpointing policy: save the down_proj product, recompute everything else.
 
@@ -96,7 +99,7 @@ def keep_down_proj_output(hidden_size: int, intermediate_size: int):
     changes nothing; what pays is the recompute compiled into the backward graph.
     """
     def policy(ctx, op, *args, **kwargs):
-        if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+        if op in MATMULS:
             a, b = args[-2], args[-1]
             if a.shape[-1] == intermediate_size and b.shape[-1] == hidden_size:
                 return CheckpointPolicy.MUST_SAVE
@@ -121,7 +124,7 @@ def keep_frozen_products(rank: int):
     apart by having the rank as one dimension.
     """
     def policy(ctx, op, *args, **kwargs):
-        if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+        if op in MATMULS:
             if min(args[-2].shape[-1], args[-1].shape[-1]) > rank:
                 return CheckpointPolicy.MUST_SAVE
         elif op in ATTENTION_OPS:
@@ -337,7 +340,7 @@ def apply_cuda_levers(peft_model: torch.nn.Module, fast: FastRecipeConfig) -> li
         draw_dropout_masks_with_torch()
     attention = cudnn_attention_first if fast.cudnn_attention else contextlib.nullcontext
     rank = max(peft_model.peft_config[name].r for name in peft_model.peft_config)
-    saved_layers = fast.saved_layers if fast.checkpointing == "selective" else 0
+    saved_layers = fast.saved_layers_in_effect
     compiled = compile_decoder_layers(causal_lm.model.layers, fast.checkpointing, fast.cuda_graphs,
                                       attention_context=attention, saved_layers=saved_layers, rank=rank)
     extras = [name for name, on in (("CUDA graphs", fast.cuda_graphs), ("torch dropout", fast.torch_dropout),

@@ -50,9 +50,11 @@ def _(packed, absmax, absmax2, code2, offset, code, blocksize, blocksize2, shape
 
 def dequantize(packed: torch.Tensor, quant_state) -> torch.Tensor:
     """A Linear4bit's weight from its packed bytes and bitsandbytes QuantState (NF4, whole blocks)."""
-    nested = quant_state.nested
-    state2 = quant_state.state2 if nested else None
-    return dequantize_nf4(packed, quant_state.absmax, state2.absmax if nested else None,
-                          state2.code if nested else None, quant_state.offset if nested else None, quant_state.code,
-                          quant_state.blocksize, state2.blocksize if nested else 0, list(quant_state.shape),
-                          quant_state.dtype)
+    if quant_state.nested:
+        state2 = quant_state.state2
+        nested = (state2.absmax, state2.code, quant_state.offset, state2.blocksize)
+    else:
+        nested = (None, None, None, 0)
+    absmax2, code2, offset, blocksize2 = nested
+    return dequantize_nf4(packed, quant_state.absmax, absmax2, code2, offset, quant_state.code,
+                          quant_state.blocksize, blocksize2, list(quant_state.shape), quant_state.dtype)

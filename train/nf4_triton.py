@@ -33,8 +33,6 @@ def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offse
     tl.store(out_ptr + out_index, weights.to(out_ptr.dtype.element_ty), mask=out_index < n_bytes * 2)
 
 
-
-
 def launch(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
            offset: torch.Tensor | None, code: torch.Tensor, blocksize: int, blocksize2: int,
            out: torch.Tensor) -> None:

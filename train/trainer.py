@@ -290,7 +290,7 @@ def out_of_memory_advice(train: TrainConfig) -> str:
     """What frees GPU memory in this run's settings, most speed kept first (for the out-of-memory error)."""
     fast = train.fast
     steps = []
-    if train.recipe == "fast" and fast.checkpointing == "selective" and fast.saved_layers:
+    if train.recipe == "fast" and fast.saved_layers_in_effect:
         steps.append(f"lower train.fast.saved_layers (now {fast.saved_layers}; each is ~0.5 GiB on the 22b)")
     if train.batch_size > 1:
         steps.append(f"halve train.batch_size (now {train.batch_size}) and double train.grad_accum")
