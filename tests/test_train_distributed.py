@@ -217,3 +217,16 @@ def test_a_single_training_process_sees_at_most_one_gpu(monkeypatch, visible, ke
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     keep_one_process_on_one_gpu()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == kept
+
+
+@pytest.mark.parametrize(("preset", "kept"), [(None, "expandable_segments:True"),
+                                              ("max_split_size_mb:128", "max_split_size_mb:128")],
+                         ids=["unset", "the-user's"])
+def test_the_train_command_lets_cuda_memory_grow_in_place_unless_the_user_chose(monkeypatch, tmp_path, preset, kept):
+    """The stage's memory figures are measured with expandable segments; the command sets them before CUDA starts."""
+    if preset is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", preset)
+    assert train_main(["--config", str(tmp_path / "missing.yaml")]) != 0  # a user error, after the setting is made
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == kept

@@ -16,6 +16,7 @@ from pipeline.errors import EXIT_USER_ERROR, UserError, run_cli
 from pipeline.logs import configure_stage_logging
 from train.world import (
     die_with_parent,
+    grow_cuda_memory_in_place,
     is_secondary_process,
     keep_one_process_on_one_gpu,
     run_worker,
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    grow_cuda_memory_in_place()
     secondary = is_secondary_process()
     # The main worker tells the story; the others only speak up for warnings.
     configure_stage_logging("train", logging.WARNING if secondary else logging.INFO)
