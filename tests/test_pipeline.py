@@ -38,13 +38,16 @@ def test_bad_config_names_the_key(override, fragment):
         load_config(REPO / "configs/smoke.yaml", [override])
 
 
-def test_saved_layers_asked_for_under_another_checkpointing_mode_is_refused_with_the_fix():
+@pytest.mark.parametrize("lever", ["train.fast.saved_layers=2", "train.fast.offload_inputs=true"])
+def test_a_selective_lever_asked_for_under_another_checkpointing_mode_is_refused_with_the_fix(lever):
     offload = ["train.fast.checkpointing=offload"]
-    assert load_config(REPO / "configs/smoke.yaml", offload).train.fast.saved_layers == 6  # the default: ignored
+    fast = load_config(REPO / "configs/smoke.yaml", offload).train.fast  # the defaults: ignored there
+    assert fast.saved_layers_in_effect == 0 and not fast.offload_inputs_in_effect
     with pytest.raises(UserError) as error:
-        load_config(REPO / "configs/smoke.yaml", [*offload, "train.fast.saved_layers=2"])
+        load_config(REPO / "configs/smoke.yaml", [*offload, lever])
     message = str(error.value)
-    assert "\n" not in message and "needs train.fast.checkpointing=selective" in message
+    assert "\n" not in message and f"{lever.split('=')[0]}=" in message
+    assert "needs train.fast.checkpointing=selective" in message
 
 
 def test_overrides_parse_yaml_values_and_change_fingerprint():

@@ -88,7 +88,7 @@ def _no_compile(forward, **options):
     return forward
 
 
-def _lora_llama(folder, checkpointing: str | None, saved_layers: int = 0):
+def _lora_llama(folder, checkpointing: str | None, saved_layers: int = 0, offload_inputs: bool = False):
     """A tiny Llama with dropout-0.1 LoRA and non-zero B matrices (so A's gradient depends on the dropout masks)."""
     from transformers import AutoModelForCausalLM
 
@@ -105,7 +105,7 @@ def _lora_llama(folder, checkpointing: str | None, saved_layers: int = 0):
                 param.normal_(0.0, 0.1)
     if checkpointing is not None:
         compile_decoder_layers(peft_model.get_base_model().model.layers, checkpointing, compiler=_no_compile,
-                               saved_layers=saved_layers, rank=4)
+                               saved_layers=saved_layers, rank=4, offload_inputs=offload_inputs)
     return peft_model.train()
 
 
@@ -116,14 +116,15 @@ def _loss_and_gradients(model, ids: torch.Tensor) -> tuple[float, dict[str, torc
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("checkpointing,saved_layers",
-                         [("full", 0), ("selective", 0), ("selective", 2), ("offload", 0)])
+@pytest.mark.parametrize("checkpointing,saved_layers,offload_inputs",
+                         [("full", 0, False), ("selective", 0, False), ("selective", 2, False),
+                          ("selective", 1, True), ("offload", 0, False)])
 def test_every_checkpointing_mode_backpropagates_what_transformers_checkpointing_does(tiny_llama, checkpointing,
-                                                                                       saved_layers):
+                                                                                       saved_layers, offload_inputs):
     folder = tiny_llama(num_hidden_layers=3)
     ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
     reference_loss, reference = _loss_and_gradients(_lora_llama(folder, None), ids)
-    loss, gradients = _loss_and_gradients(_lora_llama(folder, checkpointing, saved_layers), ids)
+    loss, gradients = _loss_and_gradients(_lora_llama(folder, checkpointing, saved_layers, offload_inputs), ids)
     assert loss == pytest.approx(reference_loss, rel=1e-6)
     assert gradients.keys() == reference.keys()
     for name, gradient in gradients.items():
@@ -161,10 +162,13 @@ def test_selective_checkpointing_skips_down_proj_or_every_frozen_product_in_the_
     assert counts["full"] - counts["saved"] == (layers - saved) + 7 * saved
 
 
-def test_under_compile_a_saved_layer_skips_six_frozen_products_and_the_others_only_down_proj(tiny_llama):
+@pytest.mark.parametrize("offload_inputs", [False, True])
+def test_under_compile_a_saved_layer_skips_six_frozen_products_and_the_others_only_down_proj(tiny_llama,
+                                                                                              offload_inputs):
     """What the GPU runs: the layers compiled with AOTAutograd's min-cut partitioner (inductor's), graphs kept as
     FX instead of being lowered. The backward graph of an ordinary selective layer reruns 6 of the 7 frozen
-    products (down_proj's is never read), a saved layer's none, and both train exactly as the eager model does."""
+    products (down_proj's is never read), a saved layer's none, and both train exactly as the eager model does,
+    also when the compiled graph's saved input goes through the offload slot (all layers' but the last)."""
     import functools
 
     from torch._dynamo.backends.common import aot_autograd
@@ -186,9 +190,12 @@ def test_under_compile_a_saved_layer_skips_six_frozen_products_and_the_others_on
     model = _lora_llama(folder, None)
     from train.fast_recipe import compile_decoder_layers
 
-    compile_decoder_layers(model.get_base_model().model.layers, "selective", saved_layers=1, rank=4,
+    layers = model.get_base_model().model.layers
+    compile_decoder_layers(layers, "selective", saved_layers=1, rank=4, offload_inputs=offload_inputs,
                            compiler=functools.partial(torch.compile, backend=backend))
     loss, gradients = _loss_and_gradients(model, ids)
+    if offload_inputs:  # the first layer's input went through its slot (a copy, on CPU); the last layer kept its own
+        assert layers[0].input_slot.host.shape == (2, 12, 32) and not hasattr(layers[1], "input_slot")
 
     def products(graph):
         return sum(node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)

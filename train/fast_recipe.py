@@ -18,8 +18,10 @@ each lever kept only if it paid on its own:
 - **What a layer keeps for its backward** (`train.fast.checkpointing`): `full` keeps only its input and runs the
   layer again in the backward; `selective` keeps the same, but the recompute is compiled into the backward graph,
   which reruns only what the backward reads (down_proj's product never is), and the last `train.fast.saved_layers`
-  layers also keep q, k, v, o, gate and up's products and attention's output, so those run once; `offload` keeps
-  only the input, in pinned CPU memory, which frees seq x hidden x 4 bytes per layer (what lets the 33b fit).
+  layers also keep q, k, v, o, gate and up's products and attention's output, so those run once, and with
+  `train.fast.offload_inputs` the layers' inputs wait in pinned CPU memory, which leaves room for more such layers;
+  `offload` keeps only the input, in pinned CPU memory, which frees seq x hidden x 4 bytes per layer (what lets
+  the 33b fit).
 """
 
 from __future__ import annotations
@@ -229,6 +231,41 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return hidden.grad if ctx.needs_input_grad[0] else None, None, None, None
 
 
+def inputs_in_cpu_memory(forward, offload: ActivationOffload, index: int, offloaded: bool = True):
+    """A selective layer's forward whose input, where its compiled graph saves it for the backward, waits in
+    pinned CPU memory (saved-tensor hooks around the compiled call: the graph itself is unchanged).
+
+    Only the input moves: it is the one large tensor an ordinary selective layer keeps, and a saved layer's products
+    are read first in the backward, too soon and too big to come back over PCIe in time. When the backward reaches
+    a layer it starts fetching the previous layer's input; the last layer (`offloaded` False) keeps its own, which
+    the backward needs first, and only starts that fetch.
+    """
+    slot = offload.slots[index]
+    previous = offload.slots[index - 1] if index else None
+
+    def forward_with_hooks(hidden_states, *args, **kwargs):
+        storage, shape = hidden_states.untyped_storage().data_ptr(), hidden_states.shape
+
+        def pack(tensor):
+            if (offloaded and tensor.shape == shape and tensor.is_contiguous()
+                    and tensor.untyped_storage().data_ptr() == storage):
+                slot.store(tensor)
+                return slot
+            return tensor
+
+        def unpack(packed):
+            if packed is slot:
+                return slot.load()  # and starts the previous layer's fetch
+            if previous is not None:
+                previous.fetch()
+            return packed
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return forward(hidden_states, *args, **kwargs)
+
+    return forward_with_hooks
+
+
 def selective_checkpoint(policy):
     """A decoder layer's forward under selective checkpointing, for one torch.compile shared by every layer.
 
@@ -272,7 +309,7 @@ def cudnn_attention_first():
 
 def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "full", cuda_graphs: bool = False,
                            compiler=torch.compile, attention_context=contextlib.nullcontext,
-                           saved_layers: int = 0, rank: int = 0) -> int:
+                           saved_layers: int = 0, rank: int = 0, offload_inputs: bool = False) -> int:
     """torch.compile each decoder layer's training forward and take over its activation checkpointing.
 
     transformers checkpoints around the layer's `__call__` (5.17) or inside its `forward` (5.24); doing it here
@@ -281,10 +318,11 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
     have one shape, so one static graph serves every step; generation (the watchdog's probes, with a growing KV
     cache) and no-grad forwards keep the eager forward instead of recompiling for every length. Under `selective`,
     the last `saved_layers` layers keep their frozen matmul products for the backward (`keep_frozen_products`,
-    `rank` being LoRA's); they share a second compiled graph.
+    `rank` being LoRA's); they share a second compiled graph; with `offload_inputs`, every layer's input but the
+    last one's waits in pinned CPU memory for the backward (`inputs_in_cpu_memory`).
     """
     compiler = functools.partial(compiler, dynamic=False, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
-    offload = ActivationOffload(len(layers)) if checkpointing == "offload" else None
+    offload = ActivationOffload(len(layers)) if checkpointing == "offload" or offload_inputs else None
     down_proj = layers[0].mlp.down_proj  # a LoRA wrapper knows its base layer's widths
     selective = saving = None
     if checkpointing == "selective":
@@ -298,6 +336,11 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
         elif selective is not None:
             kept = saving is not None and index >= len(layers) - saved_layers
             train_forward = functools.partial(saving if kept else selective, layer)
+            if offload_inputs:
+                offloaded = index < len(layers) - 1
+                train_forward = inputs_in_cpu_memory(train_forward, offload, index, offloaded)
+                if offloaded:
+                    layer.input_slot = offload.slots[index]  # where its input waits for the backward
         elif offload is not None:
             train_forward = offloaded_checkpoint(compiler(eager), offload.slots[index], attention_context)
         else:
@@ -341,11 +384,14 @@ def apply_cuda_levers(peft_model: torch.nn.Module, fast: FastRecipeConfig) -> li
     attention = cudnn_attention_first if fast.cudnn_attention else contextlib.nullcontext
     rank = max(peft_model.peft_config[name].r for name in peft_model.peft_config)
     saved_layers = fast.saved_layers_in_effect
+    offload_inputs = fast.offload_inputs_in_effect
     compiled = compile_decoder_layers(causal_lm.model.layers, fast.checkpointing, fast.cuda_graphs,
-                                      attention_context=attention, saved_layers=saved_layers, rank=rank)
+                                      attention_context=attention, saved_layers=saved_layers, rank=rank,
+                                      offload_inputs=offload_inputs)
     extras = [name for name, on in (("CUDA graphs", fast.cuda_graphs), ("torch dropout", fast.torch_dropout),
                                     ("cuDNN attention", fast.cudnn_attention)) if on]
     saved = f", frozen products kept in the last {saved_layers}" if saved_layers else ""
+    saved += ", layer inputs in pinned CPU memory" if offload_inputs else ""
     applied.append(f"{compiled} compiled decoder layers{' with ' + ', '.join(extras) if extras else ''}, "
                    f"{fast.checkpointing} activation checkpointing{saved}")
     return applied
