@@ -23,24 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.dequant_bench import time_calls
+
 TOKENS = 4096
 # name: (out_features, in_features, how many of them a Llama layer has)
 SHAPES = {"q/k/v/o": (6656, 6656, 4), "gate/up": (17920, 6656, 2), "down": (6656, 17920, 1)}
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max
-
-
-def time_call(fn, repeats: int) -> float:
-    """Seconds per call, CUDA-event timed after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / repeats
 
 
 @torch.compile(dynamic=False)
@@ -97,7 +86,7 @@ def main() -> None:
                                         use_fast_accum=args.fast_accum)
 
             errors = relative_error(bf16(), reference), relative_error(fp8_all(), reference)
-            seconds = [time_call(fn, args.repeats) for fn in (bf16, fp8_product, fp8_all)]
+            seconds = [time_calls(fn, args.repeats) for fn in (bf16, fp8_product, fp8_all)]
             totals[kind][0] += seconds[0] * count
             totals[kind][1] += seconds[2] * count
             print(f"| {label} {kind} | {count} | {seconds[0] * 1e3:.3f} | {seconds[1] * 1e3:.3f} | "
