@@ -363,8 +363,10 @@ def run_cell_subprocess(cell: Cell, args: argparse.Namespace) -> dict:
         return {**asdict(cell), "name": cell.name, "status": "skipped (liger-kernel needs CUDA)"}
     command = [__file__, "--worker", json.dumps(asdict(cell)), *worker_flags(args)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    if not args.cpu:
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if not args.cpu:  # every recipe's cell under the allocator setting the train command makes
+        from train.world import grow_cuda_memory_in_place
+
+        grow_cuda_memory_in_place(env)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         if cell.gpus > 1:

@@ -176,12 +176,11 @@ class FastRecipeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _selective_levers_need_selective(self):
-        explicit = {"saved_layers": self.saved_layers, "offload_inputs": self.offload_inputs}
-        for name, value in explicit.items():
-            if name in self.model_fields_set and value and self.checkpointing != "selective":
+        levers = {"saved_layers": (self.saved_layers, 0), "offload_inputs": (self.offload_inputs, False)}  # (set, off)
+        for name, (value, off) in levers.items():
+            if name in self.model_fields_set and value != off and self.checkpointing != "selective":
                 raise ValueError(f"train.fast.{name}={value} needs train.fast.checkpointing=selective (it is "
-                                 f"{self.checkpointing}); set {name} to {0 if name == 'saved_layers' else False} "
-                                 f"or checkpointing to selective")
+                                 f"{self.checkpointing}); set {name} to {off} or checkpointing to selective")
         return self
 
 

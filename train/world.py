@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import NoReturn
 
 from pipeline.errors import UserError
@@ -78,15 +78,16 @@ def keep_one_process_on_one_gpu() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = (visible or "0").split(",")[0]
 
 
-def grow_cuda_memory_in_place() -> None:
-    """Let torch's CUDA allocator extend its segments instead of adding fixed ones; call it before CUDA starts.
+def grow_cuda_memory_in_place(environment: MutableMapping[str, str] = os.environ) -> None:
+    """Let torch's CUDA allocator extend its segments instead of adding fixed ones; call it before CUDA starts
+    (or on the environment a process will be started with, as the bench does for its cells).
 
     The stage's memory figures (benchmarks/train_bench.py) are measured with `expandable_segments:True`: with fixed
     segments a 22b step leaves more of the card reserved but unusable, and settings that fit in the bench (the
     saved layers, the offloaded inputs' transfers) can run out of memory on the same card. A setting the user
     made in PYTORCH_CUDA_ALLOC_CONF is kept; workers started by accelerate inherit it.
     """
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    environment.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def join_world():
