@@ -362,9 +362,9 @@ def draw_dropout_masks_with_torch() -> None:
 
     Inductor draws one Philox call per element (tl.rand keeps one of its four outputs) inside the kernel that uses
     them; torch's kernel keeps all four but writes the mask and the dropped tensor to memory for the next kernel to
-    read. On the 22b the second cost more: 2-3% fewer tokens/s (benchmarks/RESULTS.md), so `train.fast.torch_dropout`
-    is off by default. A process-wide inductor setting (`fallback_random`): the decoder layers are all this process
-    compiles.
+    read. On the 22b the second cost more: 2-3% fewer tokens/s (benchmarks/RESULTS.md), so it is
+    `train.fast.dropout_masks: torch`, not the default. A process-wide inductor setting (`fallback_random`): the
+    decoder layers are all this process compiles.
     """
     import torch._inductor.config
 
@@ -379,7 +379,12 @@ def apply_cuda_levers(peft_model: torch.nn.Module, fast: FastRecipeConfig) -> li
                f"{dequantize_once_per_pass(causal_lm, one_kernel)} 4-bit linears"]
     if fuse_linear_cross_entropy(causal_lm):
         applied.append("fused linear cross-entropy (liger-kernel)")
-    if fast.torch_dropout:
+    if fast.dropout_masks == "packed":
+        from train.lora_dropout import pack_lora_dropout_masks
+
+        if pack_lora_dropout_masks(peft_model):
+            applied.append("LoRA dropout masks drawn 8 elements per Philox call, bit-packed")
+    elif fast.dropout_masks == "torch":
         draw_dropout_masks_with_torch()
     attention = cudnn_attention_first if fast.cudnn_attention else contextlib.nullcontext
     rank = max(peft_model.peft_config[name].r for name in peft_model.peft_config)
@@ -388,7 +393,7 @@ def apply_cuda_levers(peft_model: torch.nn.Module, fast: FastRecipeConfig) -> li
     compiled = compile_decoder_layers(causal_lm.model.layers, fast.checkpointing, fast.cuda_graphs,
                                       attention_context=attention, saved_layers=saved_layers, rank=rank,
                                       offload_inputs=offload_inputs)
-    extras = [name for name, on in (("CUDA graphs", fast.cuda_graphs), ("torch dropout", fast.torch_dropout),
+    extras = [name for name, on in (("CUDA graphs", fast.cuda_graphs), ("torch dropout", fast.dropout_masks == "torch"),
                                     ("cuDNN attention", fast.cudnn_attention)) if on]
     saved = f", frozen products kept in the last {saved_layers}" if saved_layers else ""
     saved += ", layer inputs in pinned CPU memory" if offload_inputs else ""
