@@ -13,6 +13,8 @@ each lever kept only if it paid on its own:
   itself is one Triton kernel (train/nf4_kernel.py, `train.fast.dequantize`), the same bits as bitsandbytes'.
 - **Compiled decoder layers** (`torch.compile` per layer): fuses the residual adds, norms, SwiGLU, RoPE and the
   LoRA elementwise work that otherwise run as hundreds of small kernels per layer.
+- **LoRA's dropout masks bit-packed** (`train.fast.dropout_masks`, train/lora_dropout.py): each Philox call
+  decides 8 elements instead of inductor's 1, in one kernel per dropout whose mask the fused kernels read back.
 - **Fused linear cross-entropy** (liger-kernel, optional): the 32000-wide fp32 logits and their gradient are
   never materialized, which frees the memory for a micro-batch of 2 at 2048 tokens.
 - **What a layer keeps for its backward** (`train.fast.checkpointing`): `full` keeps only its input and runs the
@@ -307,6 +309,23 @@ def cudnn_attention_first():
     return sdpa_kernel(order, set_priority=True)
 
 
+def forward_side_effects_run_once():
+    """Let dynamo trace a checkpointed region that mutates Python state, the mutation left out of the recompute.
+
+    transformers >= 5.2x, with the `kernels` package it depends on, wraps LlamaAttention's forward in a context
+    variable that routes RoPE to a hub kernel: set before the forward, reset after, no state left behind. Inside the
+    selective layers' checkpoint that mutation is a side effect dynamo refuses to replay in the backward, so it
+    breaks the graph and the whole layer silently runs eager (no fusion, no compiled recompute). The recompute has
+    nothing to redo there; torch names this flag for exactly that case. No-op on a torch without it.
+    """
+    import torch._dynamo.config
+
+    flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    if not hasattr(torch._dynamo.config, flag):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(**{flag: True})
+
+
 def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "full", cuda_graphs: bool = False,
                            compiler=torch.compile, attention_context=contextlib.nullcontext,
                            saved_layers: int = 0, rank: int = 0, offload_inputs: bool = False) -> int:
@@ -350,7 +369,7 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
         def forward(*args, _layer=layer, _eager=eager, _train=train_forward, **kwargs):
             if not (_layer.training and torch.is_grad_enabled()):
                 return _eager(*args, **kwargs)
-            with attention_context():
+            with attention_context(), forward_side_effects_run_once():
                 return _train(*args, **kwargs)
 
         layer.forward = forward
