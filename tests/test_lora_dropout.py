@@ -111,8 +111,8 @@ def test_compiled_selective_checkpointing_recomputes_the_forwards_masks():
 
 def test_a_lora_llama_trains_its_packed_masks_exactly_under_the_stages_compiled_checkpointing(tiny_llama):
     """Every LoRA dropout of a peft model is replaced; eval outputs and saved weights do not change; the decoder
-    layers compiled under selective checkpointing (min-cut partitioner, FX graphs) give the eager model's loss and
-    gradients, so forward and backward drew the same masks."""
+    layers compiled under selective checkpointing (min-cut partitioner, FX graphs) rerun the seven mask kernels in
+    their backward and give the eager model's loss and gradients, so forward and backward drew the same masks."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from transformers import AutoModelForCausalLM
@@ -153,12 +153,21 @@ def test_a_lora_llama_trains_its_packed_masks_exactly_under_the_stages_compiled_
     torch._dynamo.reset()
     compiled = lora_llama()
     pack_lora_dropout_masks(compiled)
-    backend = aot_autograd(fw_compiler=lambda graph, example_inputs: graph,
-                           bw_compiler=lambda graph, example_inputs: graph,
+    backward_graphs = []
+
+    def keep_backward(graph, example_inputs):
+        backward_graphs.append(graph)
+        return graph
+
+    backend = aot_autograd(fw_compiler=lambda graph, example_inputs: graph, bw_compiler=keep_backward,
                            partition_fn=min_cut_rematerialization_partition)
     compile_decoder_layers(compiled.get_base_model().model.layers, "selective", rank=4,
                            compiler=functools.partial(torch.compile, backend=backend))
     loss, gradients = loss_and_gradients(compiled)
+    # The layers did compile (no silent eager fallback), and their backward draws the masks again from the seeds.
+    mask_kernel = torch.ops.frankenllama.dropout_keep_words.default
+    assert backward_graphs and all(sum(node.target is mask_kernel for node in graph.graph.nodes) == 7
+                                   for graph in backward_graphs)
     assert loss == pytest.approx(reference_loss, rel=1e-6)
     for name, gradient in gradients.items():
         assert torch.allclose(gradient, reference[name], rtol=1e-4, atol=1e-6), name
