@@ -206,3 +206,36 @@ def test_under_compile_a_saved_layer_skips_six_frozen_products_and_the_others_on
     assert loss == pytest.approx(reference_loss, rel=1e-6)
     for name, gradient in gradients.items():
         assert torch.allclose(gradient, reference[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_graph_break_in_a_compiled_layer_is_reported_once(tiny_llama, caplog):
+    """A layer that dynamo cannot trace whole still trains (partly eager), so nothing would show the lost speed but
+    this warning; the same model without the break compiles silently."""
+    import functools
+    import logging
+
+    from train.fast_recipe import compile_decoder_layers
+
+    folder = tiny_llama(num_hidden_layers=2)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
+    for broken in (False, True):
+        torch._dynamo.reset()
+        model = _lora_llama(folder, None)
+        layers = model.get_base_model().model.layers
+        if broken:
+            for layer in layers:
+                mlp_forward = layer.mlp.forward
+
+                def forward_with_break(x, _forward=mlp_forward):
+                    torch._dynamo.graph_break()
+                    return _forward(x)
+
+                layer.mlp.forward = forward_with_break
+        compile_decoder_layers(layers, "selective", rank=4,
+                               compiler=functools.partial(torch.compile, backend="aot_eager"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="train"):
+            _loss_and_gradients(model, ids)
+            _loss_and_gradients(model, ids)
+        warnings = [r.getMessage() for r in caplog.records if "broke their graph" in r.getMessage()]
+        assert len(warnings) == (1 if broken else 0), warnings

@@ -13,8 +13,9 @@ each lever kept only if it paid on its own:
   itself is one Triton kernel (train/nf4_kernel.py, `train.fast.dequantize`), the same bits as bitsandbytes'.
 - **Compiled decoder layers** (`torch.compile` per layer): fuses the residual adds, norms, SwiGLU, RoPE and the
   LoRA elementwise work that otherwise run as hundreds of small kernels per layer.
-- **LoRA's dropout masks bit-packed** (`train.fast.dropout_masks`, train/lora_dropout.py): each Philox call
-  decides 8 elements instead of inductor's 1, in one kernel per dropout whose mask the fused kernels read back.
+- **LoRA's dropout masks bit-packed** (`train.fast.dropout_masks: packed`, train/lora_dropout.py, opt-in until timed
+  on a GPU): each Philox call decides 8 elements instead of inductor's 1, in one kernel per dropout whose mask the
+  fused kernels read back.
 - **Fused linear cross-entropy** (liger-kernel, optional): the 32000-wide fp32 logits and their gradient are
   never materialized, which frees the memory for a micro-batch of 2 at 2048 tokens.
 - **What a layer keeps for its backward** (`train.fast.checkpointing`): `full` keeps only its input and runs the
@@ -326,6 +327,37 @@ def forward_side_effects_run_once():
     return torch._dynamo.config.patch(**{flag: True})
 
 
+class GraphBreakWatch:
+    """Warn once if tracing a compiled decoder layer broke its graph.
+
+    A graph break is not an error: dynamo runs the rest of the layer eager (inside a checkpoint, the whole layer),
+    training stays correct and only the speed is gone, which nothing else reports. Read from dynamo's own counters
+    around each layer's first training call, where its graph is traced.
+    """
+
+    def __init__(self):
+        self.traced: set[int] = set()
+        self.warned = False
+
+    @contextlib.contextmanager
+    def first_call(self, index: int):
+        """Around layer `index`'s training call: its first one traces it (or finds its shared graph compiled)."""
+        if index in self.traced or self.warned:
+            yield
+            return
+        from torch._dynamo.utils import counters
+
+        before = dict(counters["graph_break"])
+        yield
+        self.traced.add(index)
+        reasons = [reason for reason, count in counters["graph_break"].items() if count > before.get(reason, 0)]
+        if reasons:
+            self.warned = True
+            log.warning("model: the compiled decoder layers broke their graph (%s): they run partly eager and train "
+                        "slower than benchmarks/RESULTS.md says; report it with your torch and transformers versions, "
+                        "or set train.recipe: plain", reasons[0].splitlines()[0][:200])
+
+
 def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "full", cuda_graphs: bool = False,
                            compiler=torch.compile, attention_context=contextlib.nullcontext,
                            saved_layers: int = 0, rank: int = 0, offload_inputs: bool = False) -> int:
@@ -344,6 +376,7 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
     offload = ActivationOffload(len(layers)) if checkpointing == "offload" or offload_inputs else None
     down_proj = layers[0].mlp.down_proj  # a LoRA wrapper knows its base layer's widths
     selective = saving = None
+    graph_breaks = GraphBreakWatch()
     if checkpointing == "selective":
         selective = compiler(selective_checkpoint(keep_down_proj_output(down_proj.out_features,
                                                                         down_proj.in_features)))
@@ -366,10 +399,10 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
             train_forward = functools.partial(checkpoint, compiler(eager), use_reentrant=False)
         layer.gradient_checkpointing = False  # done here, once, around or inside the compiled forward
 
-        def forward(*args, _layer=layer, _eager=eager, _train=train_forward, **kwargs):
+        def forward(*args, _layer=layer, _eager=eager, _train=train_forward, _index=index, **kwargs):
             if not (_layer.training and torch.is_grad_enabled()):
                 return _eager(*args, **kwargs)
-            with attention_context(), forward_side_effects_run_once():
+            with attention_context(), forward_side_effects_run_once(), graph_breaks.first_call(_index):
                 return _train(*args, **kwargs)
 
         layer.forward = forward
