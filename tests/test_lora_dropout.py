@@ -1,11 +1,16 @@
 """LoRA's bit-packed dropout (train/lora_dropout.py) on CPU: the Philox stream is the published one, the masks drop
 p of the elements without a favourite bit position, and a compiled, selectively checkpointed layer recomputes the
-forward's masks in its backward. The Triton kernel is checked against the same CPU bits on the GPU by
-benchmarks/dropout_bench.py."""
+forward's masks in its backward. The Triton kernel writes the same bits as the CPU's Philox (through Triton's
+interpreter here, on the GPU in benchmarks/dropout_bench.py)."""
 
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +38,27 @@ PHILOX_KNOWN_ANSWERS = [
 def test_philox_matches_random123s_known_answers(counter, key, expected):
     words = philox4x32(key, tuple(torch.tensor([c], dtype=torch.int64) for c in counter))
     assert tuple(int(w) for w in words) == expected
+
+
+def test_the_gpu_kernel_writes_the_cpu_bits():
+    """train/dropout_triton.py's kernel, run by Triton's interpreter (TRITON_INTERPRET=1, set before Triton is
+    imported, hence a process of its own): the same words as `keep_words_in_torch` for a partial program, several
+    programs, a seed with its high word set, p = 0.5 and a one-word mask."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from train.dropout_triton import launch
+        from train.lora_dropout import drop_threshold, keep_words_in_torch
+        for words, seed, p in ((1000, 1, 0.05), (2100, 2**40 + 7, 0.05), (1500, 12345, 0.5), (1, 2**62 - 1, 0.1)):
+            out = torch.full((words,), 7, dtype=torch.int32)
+            launch(torch.tensor(seed), drop_threshold(p), out)
+            expected = keep_words_in_torch(seed, words, drop_threshold(p))
+            assert torch.equal(out, expected), (words, seed, p, int((out != expected).sum()))
+        print("bit-exact")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and "bit-exact" in done.stdout, done.stderr[-2000:]
 
 
 def _keep_bits(words: torch.Tensor) -> torch.Tensor:
