@@ -20,7 +20,6 @@ from train.lora_dropout import (
     drop_threshold,
     keep_scale,
     keep_words_in_torch,
-    pack_lora_dropout_masks,
     philox4x32,
     unpack_keep_mask,
 )
@@ -133,68 +132,3 @@ def test_compiled_selective_checkpointing_recomputes_the_forwards_masks():
     normed = reference * torch.rsqrt(reference.pow(2).mean(-1, keepdim=True) + 1e-6)
     (normed * w * keep * keep_scale(0.25)).sum().backward()
     assert torch.allclose(x.grad, reference.grad, atol=1e-5)
-
-
-def test_a_lora_llama_trains_its_packed_masks_exactly_under_the_stages_compiled_checkpointing(tiny_llama):
-    """Every LoRA dropout of a peft model is replaced; eval outputs and saved weights do not change; the decoder
-    layers compiled under selective checkpointing (min-cut partitioner, FX graphs) rerun the seven mask kernels in
-    their backward and give the eager model's loss and gradients, so forward and backward drew the same masks."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.config import LoraSettings
-    from train.fast_recipe import compile_decoder_layers
-    from train.model import prepare_for_training
-
-    folder = tiny_llama(num_hidden_layers=2)
-    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
-
-    def lora_llama():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        peft_model = prepare_for_training(model, LoraSettings(r=4, alpha=8, dropout=0.1), gradient_checkpointing=True)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0.0, 0.1)
-        return peft_model
-
-    def loss_and_gradients(model):
-        torch.manual_seed(1)
-        loss = model.train()(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
-    plain = lora_llama()
-    eager = lora_llama()
-    state = eager.state_dict()
-    assert pack_lora_dropout_masks(eager) == 2 * 7
-    assert eager.state_dict().keys() == state.keys()
-    with torch.no_grad():
-        assert torch.equal(eager.eval()(input_ids=ids).logits, plain.eval()(input_ids=ids).logits)
-    reference_loss, reference = loss_and_gradients(eager)
-    assert loss_and_gradients(plain)[0] != reference_loss  # other masks: the replacement is in the graph
-
-    torch._dynamo.reset()
-    compiled = lora_llama()
-    pack_lora_dropout_masks(compiled)
-    backward_graphs = []
-
-    def keep_backward(graph, example_inputs):
-        backward_graphs.append(graph)
-        return graph
-
-    backend = aot_autograd(fw_compiler=lambda graph, example_inputs: graph, bw_compiler=keep_backward,
-                           partition_fn=min_cut_rematerialization_partition)
-    compile_decoder_layers(compiled.get_base_model().model.layers, "selective", rank=4,
-                           compiler=functools.partial(torch.compile, backend=backend))
-    loss, gradients = loss_and_gradients(compiled)
-    # The layers did compile (no silent eager fallback), and their backward draws the masks again from the seeds.
-    mask_kernel = torch.ops.frankenllama.dropout_keep_words.default
-    assert backward_graphs and all(sum(node.target is mask_kernel for node in graph.graph.nodes) == 7
-                                   for graph in backward_graphs)
-    assert loss == pytest.approx(reference_loss, rel=1e-6)
-    for name, gradient in gradients.items():
-        assert torch.allclose(gradient, reference[name], rtol=1e-4, atol=1e-6), name
-

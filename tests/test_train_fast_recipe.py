@@ -162,6 +162,20 @@ def test_selective_checkpointing_skips_down_proj_or_every_frozen_product_in_the_
     assert counts["full"] - counts["saved"] == (layers - saved) + 7 * saved
 
 
+def _fx_backend(backward_graphs: list):
+    """torch.compile's backend for what the GPU runs, in seconds on CPU: AOTAutograd with inductor's min-cut
+    partitioner, the graphs kept as FX instead of being lowered; every backward graph is appended to the list."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    def keep_backward(graph, example_inputs):
+        backward_graphs.append(graph)
+        return graph
+
+    return aot_autograd(fw_compiler=lambda graph, example_inputs: graph, bw_compiler=keep_backward,
+                        partition_fn=min_cut_rematerialization_partition)
+
+
 @pytest.mark.parametrize("offload_inputs", [False, True])
 def test_under_compile_a_saved_layer_skips_six_frozen_products_and_the_others_only_down_proj(tiny_llama,
                                                                                               offload_inputs):
@@ -171,17 +185,8 @@ def test_under_compile_a_saved_layer_skips_six_frozen_products_and_the_others_on
     also when the compiled graph's saved input goes through the offload slot (all layers' but the last)."""
     import functools
 
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
     backward_graphs = []
-
-    def keep_backward(graph, example_inputs):
-        backward_graphs.append(graph)
-        return graph
-
-    backend = aot_autograd(fw_compiler=lambda graph, example_inputs: graph, bw_compiler=keep_backward,
-                           partition_fn=min_cut_rematerialization_partition)
+    backend = _fx_backend(backward_graphs)
     folder = tiny_llama(num_hidden_layers=2, intermediate_size=96)
     ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
     reference_loss, reference = _loss_and_gradients(_lora_llama(folder, None), ids)
@@ -239,3 +244,39 @@ def test_a_graph_break_in_a_compiled_layer_is_reported_once(tiny_llama, caplog):
             _loss_and_gradients(model, ids)
         warnings = [r.getMessage() for r in caplog.records if "broke their graph" in r.getMessage()]
         assert len(warnings) == (1 if broken else 0), warnings
+
+
+def test_packed_dropout_masks_train_exactly_under_the_stages_compiled_checkpointing(tiny_llama):
+    """train.fast.dropout_masks=packed on a LoRA Llama: every adapter's dropout is replaced, eval outputs and saved
+    weights do not change, and the decoder layers compiled under selective checkpointing rerun the seven mask kernels
+    in their backward and give the eager model's loss and gradients, so forward and backward drew the same masks."""
+    import functools
+
+    from train.fast_recipe import compile_decoder_layers
+    from train.lora_dropout import pack_lora_dropout_masks
+
+    folder = tiny_llama(num_hidden_layers=2)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
+    plain, eager = _lora_llama(folder, None), _lora_llama(folder, None)
+    state = eager.state_dict()
+    assert pack_lora_dropout_masks(eager) == 2 * 7
+    assert eager.state_dict().keys() == state.keys()
+    with torch.no_grad():
+        assert torch.equal(eager.eval()(input_ids=ids).logits, plain.eval()(input_ids=ids).logits)
+    reference_loss, reference = _loss_and_gradients(eager.train(), ids)
+    assert _loss_and_gradients(plain.train(), ids)[0] != reference_loss  # other masks: the replacement is in the graph
+
+    torch._dynamo.reset()
+    compiled = _lora_llama(folder, None)
+    pack_lora_dropout_masks(compiled)
+    backward_graphs = []
+    compile_decoder_layers(compiled.get_base_model().model.layers, "selective", rank=4,
+                           compiler=functools.partial(torch.compile, backend=_fx_backend(backward_graphs)))
+    loss, gradients = _loss_and_gradients(compiled, ids)
+    # The layers did compile (no silent eager fallback), and their backward draws the masks again from the seeds.
+    mask_kernel = torch.ops.frankenllama.dropout_keep_words.default
+    assert backward_graphs and all(sum(node.target is mask_kernel for node in graph.graph.nodes) == 7
+                                   for graph in backward_graphs)
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, gradient in gradients.items():
+        assert torch.allclose(gradient, reference[name], rtol=1e-4, atol=1e-6), name
