@@ -1,12 +1,12 @@
 """LoRA's dropout with a bit-packed mask: one Philox call draws the keep bits of 8 elements instead of 1.
 
-Compiled layers otherwise draw LoRA's dropout inside inductor's fused kernels, one Philox-4x32-10 call (about 100
+Compiled layers otherwise draw LoRA's dropout inside inductor's fused kernels, one Philox-4x32-10 call (about 85
 integer operations) per element, of whose four 32-bit outputs `tl.rand` keeps one. A 22b layer drops 237M elements
 per pass at 4096 tokens (seven adapters: q, k, v, gate and up read hidden-wide inputs, o too, down an
-intermediate-wide one), so that is ~1.4 ms of integer work per layer and pass, the larger part of the compiled
-layers' elementwise time. Here one kernel per dropout draws the mask with every bit of each call (16 random bits per
-element, so 8 elements a call) and writes it packed, one bit per element; the fused kernels read it back (1/32 of a
-float's bytes) with a shift and a mask.
+intermediate-wide one), so that is ~1.2 ms of integer work per layer and pass on an H200, by estimate most of the
+compiled layers' elementwise time (benchmarks/RESULTS.md, the fifth round). Here one kernel per dropout draws the
+mask with every bit of each call (16 random bits per element, so 8 elements a call) and writes it packed, one bit
+per element; the fused kernels read it back (1/32 of a float's bytes) with a shift and a mask.
 
 The random stream is Triton's: Philox-4x32-10 keyed by a 64-bit seed, the counter's first word the call's index.
 `keep_words_in_torch` computes the same bits with torch's integer ops, on CPU, and is what the Triton kernel is
@@ -19,11 +19,7 @@ the backward's recompute the forward's seed, and with it the same mask, as it do
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-log = logging.getLogger(__name__)
 
 WORD_BITS = 32  # mask bits per stored int32 word
 RANDOM_BITS = 16  # random bits that decide one element: a 32-bit Philox output serves two elements
