@@ -310,21 +310,20 @@ def cudnn_attention_first():
     return sdpa_kernel(order, set_priority=True)
 
 
-def forward_side_effects_run_once():
+def trace_checkpoint_side_effects_once() -> None:
     """Let dynamo trace a checkpointed region that mutates Python state, the mutation left out of the recompute.
 
     transformers >= 5.2x, with the `kernels` package it depends on, wraps LlamaAttention's forward in a context
     variable that routes RoPE to a hub kernel: set before the forward, reset after, no state left behind. Inside the
     selective layers' checkpoint that mutation is a side effect dynamo refuses to replay in the backward, so it
     breaks the graph and the whole layer silently runs eager (no fusion, no compiled recompute). The recompute has
-    nothing to redo there; torch names this flag for exactly that case. No-op on a torch without it.
+    nothing to redo there; torch names this flag for exactly that case. A process-wide dynamo setting, read when a
+    layer is traced: the decoder layers are all this process compiles. No-op on a torch without it.
     """
     import torch._dynamo.config
 
-    flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
-    if not hasattr(torch._dynamo.config, flag):
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(**{flag: True})
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
 class GraphBreakWatch:
@@ -377,6 +376,7 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
     down_proj = layers[0].mlp.down_proj  # a LoRA wrapper knows its base layer's widths
     selective = saving = None
     graph_breaks = GraphBreakWatch()
+    trace_checkpoint_side_effects_once()
     if checkpointing == "selective":
         selective = compiler(selective_checkpoint(keep_down_proj_output(down_proj.out_features,
                                                                         down_proj.in_features)))
@@ -402,7 +402,7 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
         def forward(*args, _layer=layer, _eager=eager, _train=train_forward, _index=index, **kwargs):
             if not (_layer.training and torch.is_grad_enabled()):
                 return _eager(*args, **kwargs)
-            with attention_context(), forward_side_effects_run_once(), graph_breaks.first_call(_index):
+            with attention_context(), graph_breaks.first_call(_index):
                 return _train(*args, **kwargs)
 
         layer.forward = forward
