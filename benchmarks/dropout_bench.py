@@ -35,6 +35,7 @@ from train.lora_dropout import (
     drop_threshold,
     dropout_keep_words,
     keep_words_in_torch,
+    unpack_keep_mask,
 )
 
 TOKENS, HIDDEN, INTERMEDIATE, RANK, P = 4096, 6656, 17920, 64, 0.05
@@ -67,8 +68,8 @@ def mask_checks() -> tuple[bool, float]:
         exact &= torch.equal(gpu.cpu(), keep_words_in_torch(seed, words, threshold))
     seed = torch.randint(0, 2**62, (), device="cuda")
     words = dropout_keep_words(seed, LAYER_DROPPED, drop_threshold(P))
-    kept = sum(torch.bitwise_and(words, 1 << bit).ne(0).sum().item() for bit in range(WORD_BITS))
-    return exact, kept / (words.numel() * WORD_BITS)
+    kept = unpack_keep_mask(words, torch.Size([LAYER_DROPPED]), torch.float32).mean().item()
+    return exact, kept
 
 
 def main() -> None:

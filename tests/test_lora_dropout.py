@@ -62,7 +62,7 @@ def test_the_gpu_kernel_writes_the_cpu_bits():
 
 def _keep_bits(words: torch.Tensor) -> torch.Tensor:
     """[words, 32] booleans, bit b of word w at [w, b] (read independently of unpack_keep_mask)."""
-    return torch.stack([torch.bitwise_and(words, 1 << b).ne(0) if b < 31 else words.lt(0) for b in range(32)], 1)
+    return torch.stack([torch.bitwise_and(words, 1 << b).ne(0) for b in range(32)], 1)
 
 
 def test_masks_drop_p_of_the_elements_at_every_bit_position_and_differ_by_seed():
