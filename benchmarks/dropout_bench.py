@@ -13,6 +13,10 @@ tokens saves about (inductor - packed) x 237M / 82M x 40 layers. Ends with
 `dropout_bench: q/k/v LoRA dropout forward+backward, packed X.XXx inductor's (... ms vs ... ms; no dropout ... ms),
 mask bit-exact yes|no; predicted saving per 22b micro-batch of 4096 tokens ~N ms`.
 
+On a lent H100 the cell ran packed at 0.62x inductor's while the training step ran 2-3% faster with it
+(benchmarks/RESULTS.md, the fifth round): the cell is a ~1 ms graph, probably paced by the host's launches, which
+training hides behind a busy GPU. Its mask check stands; for speed, train_bench's step is the measurement.
+
     python benchmarks/dropout_bench.py
 """
 

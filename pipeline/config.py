@@ -145,12 +145,12 @@ class FastRecipeConfig(StrictModel):
     # offload: its input only, in pinned CPU memory (frees seq x hidden x 4 bytes of GPU memory per layer).
     checkpointing: Literal["full", "selective", "offload"] = "selective"
     cuda_graphs: bool = False  # torch.compile's reduce-overhead mode for the compiled decoder layers
-    # Who draws LoRA's dropout masks in the compiled layers. inductor: inductor's own RNG, one Philox call per element
-    # inside the fused kernels; packed: one Triton kernel per dropout, each Philox call deciding 8 elements (16 random
-    # bits each), the mask stored one bit per element (train/lora_dropout.py; built and checked bit for bit, not yet
-    # timed on a GPU, so not the default); torch: torch's dropout kernel (inductor's fallback_random), measured 3%
-    # slower than inductor's (benchmarks/RESULTS.md).
-    dropout_masks: Literal["inductor", "packed", "torch"] = "inductor"
+    # Who draws LoRA's dropout masks in the compiled layers. packed: one Triton kernel per dropout, each Philox call
+    # deciding 8 elements (16 random bits each), the mask stored one bit per element (train/lora_dropout.py), measured
+    # 2-3% faster than inductor's on the 22b (-22 ms per micro-batch at seq 2048, -34 ms at 4096, one H100 run);
+    # inductor: inductor's own RNG, one Philox call per element inside the fused kernels; torch: torch's dropout
+    # kernel (inductor's fallback_random), measured 3% slower than inductor's (benchmarks/RESULTS.md).
+    dropout_masks: Literal["inductor", "packed", "torch"] = "packed"
     cudnn_attention: bool = False  # training attention tries cuDNN's kernels before FlashAttention-2
     # Who dequantizes NF4 weights in training: train/nf4_kernel.py's one Triton kernel, or bitsandbytes' three
     # kernels (the same bits).

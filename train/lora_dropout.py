@@ -3,10 +3,11 @@
 Compiled layers otherwise draw LoRA's dropout inside inductor's fused kernels, one Philox-4x32-10 call (about 85
 integer operations) per element, of whose four 32-bit outputs `tl.rand` keeps one. A 22b layer drops 237M elements
 per pass at 4096 tokens (seven adapters: q, k, v, gate and up read hidden-wide inputs, o too, down an
-intermediate-wide one), so that is ~1.2 ms of integer work per layer and pass on an H200, by estimate most of the
-compiled layers' elementwise time (benchmarks/RESULTS.md, the fifth round). Here one kernel per dropout draws the
-mask with every bit of each call (16 random bits per element, so 8 elements a call) and writes it packed, one bit
-per element; the fused kernels read it back (1/32 of a float's bytes) with a shift and a mask.
+intermediate-wide one). Here one kernel per dropout draws the mask with every bit of each call (16 random bits per
+element, so 8 elements a call) and writes it packed, one bit per element; the fused kernels read it back (1/32 of a
+float's bytes) with a shift and a mask. Measured in training (22b, H100, benchmarks/RESULTS.md, the fifth round):
+22 ms less per micro-batch at seq 2048 and 34 ms at 4096 (2-3%), a third of what the integer-work estimate
+predicted.
 
 The random stream is Triton's: Philox-4x32-10 keyed by a 64-bit seed, the counter's first word the call's index.
 `keep_words_in_torch` computes the same bits with torch's integer ops, on CPU, and is what the Triton kernel is
