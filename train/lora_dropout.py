@@ -39,6 +39,11 @@ def drop_threshold(p: float) -> int:
     return round(p * 2**RANDOM_BITS)
 
 
+def mask_words(numel: int) -> int:
+    """int32 words that hold the keep bits of `numel` elements (the op and its fake must agree on it)."""
+    return -(-numel // WORD_BITS)
+
+
 def keep_scale(p: float) -> float:
     """1 / (1 - the drop probability actually used), so that a dropped-out tensor's expectation is its input."""
     return 2**RANDOM_BITS / (2**RANDOM_BITS - drop_threshold(p))
@@ -93,7 +98,7 @@ def dropout_keep_words(seed: torch.Tensor, numel: int, threshold: int) -> torch.
     A custom op: compiled layers call it as one opaque kernel, and under selective checkpointing rerun it in the
     backward from the saved seed instead of keeping the mask.
     """
-    words = -(-numel // WORD_BITS)
+    words = mask_words(numel)
     if seed.is_cuda:
         from train.dropout_triton import launch
 
@@ -105,7 +110,7 @@ def dropout_keep_words(seed: torch.Tensor, numel: int, threshold: int) -> torch.
 
 @dropout_keep_words.register_fake
 def _(seed, numel, threshold):
-    return seed.new_empty(-(-numel // WORD_BITS), dtype=torch.int32)
+    return seed.new_empty(mask_words(numel), dtype=torch.int32)
 
 
 def unpack_keep_mask(words: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
