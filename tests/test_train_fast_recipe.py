@@ -200,7 +200,7 @@ def test_under_compile_a_saved_layer_skips_six_frozen_products_and_the_others_on
                            compiler=functools.partial(torch.compile, backend=backend))
     loss, gradients = _loss_and_gradients(model, ids)
     if offload_inputs:  # the first layer's input went through its slot (a copy, on CPU); the last layer kept its own
-        assert layers[0].input_slot.host.shape == (2, 12, 32) and not hasattr(layers[1], "input_slot")
+        assert layers[0].offload_slot.stored_shapes() == [(2, 12, 32)] and not hasattr(layers[1], "offload_slot")
 
     def products(graph):
         return sum(node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
@@ -208,6 +208,44 @@ def test_under_compile_a_saved_layer_skips_six_frozen_products_and_the_others_on
 
     saved, ordinary = (products(graph) for graph in backward_graphs)  # autograd reaches the last layer first
     assert len(backward_graphs) == 2 and ordinary - saved == 6
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, gradient in gradients.items():
+        assert torch.allclose(gradient, reference[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_layer_whose_products_wait_in_cpu_memory_reruns_none_of_them_and_trains_exactly(tiny_llama):
+    """host_saved_layers under the compiled selective checkpointing: the first layer runs the graph that keeps its
+    frozen products (its backward reruns none of the six), what that graph saves - its input and those products,
+    never its weights - goes through the layer's offload slot (copies, on CPU), and the model trains exactly as the
+    eager one does."""
+    import functools
+    import math
+
+    from train.fast_recipe import compile_decoder_layers
+
+    backward_graphs = []
+    folder = tiny_llama(num_hidden_layers=2, intermediate_size=96)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
+    reference_loss, reference = _loss_and_gradients(_lora_llama(folder, None), ids)
+
+    torch._dynamo.reset()
+    model = _lora_llama(folder, None)
+    layers = model.get_base_model().model.layers
+    compile_decoder_layers(layers, "selective", rank=4, host_saved_layers=1,
+                           compiler=functools.partial(torch.compile, backend=_fx_backend(backward_graphs)))
+    loss, gradients = _loss_and_gradients(model, ids)
+
+    def products(graph):
+        return sum(node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+                   for node in graph.graph.nodes)
+
+    ordinary, saved = (products(graph) for graph in backward_graphs)  # autograd reaches the last layer first
+    assert len(backward_graphs) == 2 and ordinary - saved == 6
+    shapes = layers[0].offload_slot.stored_shapes()
+    assert (2, 12, 32) in shapes and shapes.count((24, 96)) >= 2  # the input; gate's and up's products
+    assert all(math.prod(shape) % 24 == 0 for shape in shapes)  # activations: a multiple of the 24 tokens
+    assert not set(shapes) & {tuple(param.shape) for param in layers[0].parameters()}
+    assert not hasattr(layers[1], "offload_slot")
     assert loss == pytest.approx(reference_loss, rel=1e-6)
     for name, gradient in gradients.items():
         assert torch.allclose(gradient, reference[name], rtol=1e-4, atol=1e-6), name

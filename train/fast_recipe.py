@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from pipeline.config import FastRecipeConfig
+from train.activation_offload import ActivationOffload, inputs_in_cpu_memory, offloaded_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -139,136 +140,6 @@ def keep_frozen_products(rank: int):
     return policy
 
 
-class _OffloadSlot:
-    """One decoder layer's input between its forward and its backward, in pinned CPU memory.
-
-    Copies run on a side stream so they overlap the layers' compute; the backward of layer i starts the copy back
-    of layer i-1's input, so it is usually there when needed. On CPU (the tests) the slot keeps a plain copy.
-    """
-
-    def __init__(self, offload: ActivationOffload, index: int):
-        self.offload, self.index = offload, index
-        self.host: torch.Tensor | None = None
-        self.fetched: torch.Tensor | None = None
-
-    def store(self, hidden: torch.Tensor) -> None:
-        if hidden.device.type != "cuda":
-            self.host = hidden.detach().clone()
-            return
-        if self.host is None or self.host.shape != hidden.shape or self.host.dtype != hidden.dtype:
-            self.host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-        stream = self.offload.stream(hidden.device)
-        stream.wait_stream(torch.cuda.current_stream(hidden.device))
-        with torch.cuda.stream(stream):
-            self.host.copy_(hidden.detach(), non_blocking=True)
-        hidden.record_stream(stream)  # its memory is not reused before the copy has read it
-        self.device = hidden.device
-
-    def fetch(self) -> None:
-        if self.host is None or self.fetched is not None:
-            return
-        if not self.host.is_pinned():
-            self.fetched = self.host
-            return
-        with torch.cuda.stream(self.offload.stream(self.device)):
-            self.fetched = self.host.to(self.device, non_blocking=True)
-
-    def load(self) -> torch.Tensor:
-        self.fetch()
-        hidden, self.fetched = self.fetched, None
-        if hidden.device.type == "cuda":
-            current = torch.cuda.current_stream(hidden.device)
-            current.wait_stream(self.offload.stream(hidden.device))
-            hidden.record_stream(current)
-        if self.index > 0:
-            self.offload.slots[self.index - 1].fetch()  # the next layer the backward reaches
-        return hidden
-
-
-class ActivationOffload:
-    """The offload slots of one model's decoder layers and the side stream their copies run on."""
-
-    def __init__(self, layers: int):
-        self.slots = [_OffloadSlot(self, i) for i in range(layers)]
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
-
-    def stream(self, device: torch.device) -> torch.cuda.Stream:
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
-
-
-class _OffloadedCheckpoint(torch.autograd.Function):
-    """Checkpointing whose only kept tensor, the layer's input, waits in CPU memory for the backward.
-
-    Reentrant-style: the forward's graph is dropped as soon as the layer has run, the backward reruns the layer
-    with the forward's RNG state (the same dropout masks) and autocast, then backpropagates through it. Both runs
-    build the autograd graph, so a compiled layer runs one compiled graph twice, as under full checkpointing (a
-    no-grad graph could number its random ops differently). `anchor` requires grad so that the first layer, whose
-    input does not, still gets a backward (its LoRA weights need one).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, anchor, slot, run):
-        ctx.slot, ctx.run = slot, run
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        ctx.autocast = (hidden.device.type, torch.is_autocast_enabled(hidden.device.type),
-                        torch.get_autocast_dtype(hidden.device.type))
-        slot.store(hidden)
-        with torch.enable_grad():  # the input's requires_grad as in the backward's rerun: the same compiled graph
-            return run(hidden.detach().requires_grad_(hidden.requires_grad)).detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden = ctx.slot.load().detach().requires_grad_(ctx.needs_input_grad[0])  # needs_input_grad: as in forward
-        device_type, autocast, dtype = ctx.autocast
-        devices = [hidden.device] if hidden.is_cuda else []
-        with torch.random.fork_rng(devices=devices, device_type=device_type):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
-            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
-                out = ctx.run(hidden)
-        torch.autograd.backward(out, grad)
-        return hidden.grad if ctx.needs_input_grad[0] else None, None, None, None
-
-
-def inputs_in_cpu_memory(forward, offload: ActivationOffload, index: int, offloaded: bool = True):
-    """A selective layer's forward whose input, where its compiled graph saves it for the backward, waits in
-    pinned CPU memory (saved-tensor hooks around the compiled call: the graph itself is unchanged).
-
-    Only the input moves: it is the one large tensor an ordinary selective layer keeps, and a saved layer's products
-    are read first in the backward, too soon and too big to come back over PCIe in time. When the backward reaches
-    a layer it starts fetching the previous layer's input; the last layer (`offloaded` False) keeps its own, which
-    the backward needs first, and only starts that fetch.
-    """
-    slot = offload.slots[index]
-    previous = offload.slots[index - 1] if index else None
-
-    def forward_with_hooks(hidden_states, *args, **kwargs):
-        storage, shape = hidden_states.untyped_storage().data_ptr(), hidden_states.shape
-
-        def pack(tensor):
-            if (offloaded and tensor.shape == shape and tensor.is_contiguous()
-                    and tensor.untyped_storage().data_ptr() == storage):
-                slot.store(tensor)
-                return slot
-            return tensor
-
-        def unpack(packed):
-            if packed is slot:
-                return slot.load()  # and starts the previous layer's fetch
-            if previous is not None:
-                previous.fetch()
-            return packed
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            return forward(hidden_states, *args, **kwargs)
-
-    return forward_with_hooks
-
-
 def selective_checkpoint(policy):
     """A decoder layer's forward under selective checkpointing, for one torch.compile shared by every layer.
 
@@ -280,20 +151,6 @@ def selective_checkpoint(policy):
 
     def forward(layer, *args, **kwargs):
         return checkpoint(type(layer).forward, layer, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
-
-    return forward
-
-
-def offloaded_checkpoint(compiled, slot: _OffloadSlot, attention_context=contextlib.nullcontext):
-    """A layer's forward whose input waits in CPU memory; the backward's rerun sees the forward's attention choice."""
-    anchor = torch.ones((), requires_grad=True)
-
-    def forward(hidden_states, *args, **kwargs):
-        def run(hidden):
-            with attention_context():
-                return compiled(hidden, *args, **kwargs)
-
-        return _OffloadedCheckpoint.apply(hidden_states, anchor, slot, run)
 
     return forward
 
@@ -359,7 +216,8 @@ class GraphBreakWatch:
 
 def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "full", cuda_graphs: bool = False,
                            compiler=torch.compile, attention_context=contextlib.nullcontext,
-                           saved_layers: int = 0, rank: int = 0, offload_inputs: bool = False) -> int:
+                           saved_layers: int = 0, rank: int = 0, offload_inputs: bool = False,
+                           host_saved_layers: int = 0) -> int:
     """torch.compile each decoder layer's training forward and take over its activation checkpointing.
 
     transformers checkpoints around the layer's `__call__` (5.17) or inside its `forward` (5.24); doing it here
@@ -369,10 +227,14 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
     cache) and no-grad forwards keep the eager forward instead of recompiling for every length. Under `selective`,
     the last `saved_layers` layers keep their frozen matmul products for the backward (`keep_frozen_products`,
     `rank` being LoRA's); they share a second compiled graph; with `offload_inputs`, every layer's input but the
-    last one's waits in pinned CPU memory for the backward (`inputs_in_cpu_memory`).
+    last one's waits in pinned CPU memory for the backward (`inputs_in_cpu_memory`). The first `host_saved_layers`
+    layers (those not already among the last `saved_layers`) run that second graph too, and what it saves, their
+    products with it, waits in pinned CPU memory.
     """
     compiler = functools.partial(compiler, dynamic=False, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
-    offload = ActivationOffload(len(layers)) if checkpointing == "offload" or offload_inputs else None
+    host_saved_layers = min(host_saved_layers, len(layers) - saved_layers) if checkpointing == "selective" else 0
+    offload = (ActivationOffload(len(layers), host_saved_layers)
+               if checkpointing == "offload" or offload_inputs or host_saved_layers else None)
     down_proj = layers[0].mlp.down_proj  # a LoRA wrapper knows its base layer's widths
     selective = saving = None
     graph_breaks = GraphBreakWatch()
@@ -380,19 +242,21 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
     if checkpointing == "selective":
         selective = compiler(selective_checkpoint(keep_down_proj_output(down_proj.out_features,
                                                                         down_proj.in_features)))
-        saving = compiler(selective_checkpoint(keep_frozen_products(rank))) if saved_layers else None
+        if saved_layers or host_saved_layers:
+            saving = compiler(selective_checkpoint(keep_frozen_products(rank)))
     for index, layer in enumerate(layers):
         eager = types.MethodType(type(layer).forward, layer)
         if not getattr(layer, "gradient_checkpointing", False):
             train_forward = compiler(eager)
         elif selective is not None:
-            kept = saving is not None and index >= len(layers) - saved_layers
+            on_host = index < host_saved_layers
+            kept = on_host or (saved_layers and index >= len(layers) - saved_layers)
             train_forward = functools.partial(saving if kept else selective, layer)
-            if offload_inputs:
+            if offload_inputs or on_host:
                 offloaded = index < len(layers) - 1
-                train_forward = inputs_in_cpu_memory(train_forward, offload, index, offloaded)
+                train_forward = inputs_in_cpu_memory(train_forward, offload, index, offloaded, layer)
                 if offloaded:
-                    layer.input_slot = offload.slots[index]  # where its input waits for the backward
+                    layer.offload_slot = offload.slots[index]  # where what it saves waits for the backward
         elif offload is not None:
             train_forward = offloaded_checkpoint(compiler(eager), offload.slots[index], attention_context)
         else:
@@ -442,12 +306,14 @@ def apply_cuda_levers(peft_model: torch.nn.Module, fast: FastRecipeConfig) -> li
     rank = max(peft_model.peft_config[name].r for name in peft_model.peft_config)
     saved_layers = fast.saved_layers_in_effect
     offload_inputs = fast.offload_inputs_in_effect
+    host_saved_layers = fast.host_saved_layers_in_effect
     compiled = compile_decoder_layers(causal_lm.model.layers, fast.checkpointing, fast.cuda_graphs,
                                       attention_context=attention, saved_layers=saved_layers, rank=rank,
-                                      offload_inputs=offload_inputs)
+                                      offload_inputs=offload_inputs, host_saved_layers=host_saved_layers)
     extras = [name for name, on in (("CUDA graphs", fast.cuda_graphs), ("torch dropout", fast.dropout_masks == "torch"),
                                     ("cuDNN attention", fast.cudnn_attention)) if on]
     saved = f", frozen products kept in the last {saved_layers}" if saved_layers else ""
+    saved += f" and, in pinned CPU memory, the first {host_saved_layers}" if host_saved_layers else ""
     saved += ", layer inputs in pinned CPU memory" if offload_inputs else ""
     applied.append(f"{compiled} compiled decoder layers{' with ' + ', '.join(extras) if extras else ''}, "
                    f"{fast.checkpointing} activation checkpointing{saved}")
