@@ -334,6 +334,10 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     if cuda:
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        pinned = torch.cuda.host_memory_stats().get("allocated_bytes.peak") if hasattr(torch.cuda,
+                                                                                      "host_memory_stats") else None
+        if pinned is not None:  # the offloaded activations' host RAM (torch's pinned allocator; paged state is not)
+            result["pinned_host_gib"] = round(pinned / 2**30, 2)
     return result
 
 
@@ -412,7 +416,7 @@ def utilisation(r: dict, shape: dict, lora_r: int) -> float:
 def format_table(results: list[dict], shape: dict, lora_r: int, sequences_per_step: int) -> str:
     lines = [f"| recipe | seq | micro-batch | tokens/s ({sequences_per_step} seq/step) | vs plain | utilisation "
              "| micro-batch s | update s | tokens/s (1 micro-batch/step) | peak allocated GiB | peak reserved GiB "
-             "| status | first losses |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| pinned host GiB | status | first losses |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ok = r["status"] == "ok"
         plain = baseline(results, r, "plain") if ok else None
@@ -422,7 +426,8 @@ def format_table(results: list[dict], shape: dict, lora_r: int, sequences_per_st
         lines.append(f"| {r['name']} | {r['seq']} | {r['batch']} | {r.get('tokens_per_s', '-')} | {ratio} | {mfu} | "
                      f"{r.get('micro_batch_s', '-')} | {r.get('update_s', '-')} | "
                      f"{r.get('tokens_per_s_measured', '-')} | {r.get('peak_allocated_gib', '-')} | "
-                     f"{r.get('peak_reserved_gib', '-')} | {r['status']} | {losses} |")
+                     f"{r.get('peak_reserved_gib', '-')} | {r.get('pinned_host_gib', '-')} | {r['status']} | "
+                     f"{losses} |")
     return "\n".join(lines)
 
 
