@@ -95,6 +95,7 @@ class OffloadSlot:
         self.stored = 0  # tensors stored by the layer's latest forward
         self.fetched: list[torch.Tensor | None] | None = None  # on their way back, until loaded
         self.spent = False  # every stored tensor was loaded back: nothing to fetch until the next forward
+        self.ready: torch.cuda.Event | None = None  # recorded on the side stream after this slot's copies back
         self.device: torch.device | None = None
 
     def begin(self) -> None:
@@ -125,14 +126,18 @@ class OffloadSlot:
             return
         stream = self.offload.stream(self.device) if self.device.type == "cuda" else None
         self.fetched = [copy.read(self.device, stream) for copy in self.copies[:self.stored]]
+        if stream is not None:
+            self.ready = stream.record_event()
 
     def load(self, position: int) -> torch.Tensor:
         """The tensor stored at `position`, on its device, ready for the current stream; fetches the next layers'."""
         self.fetch()
         tensor, self.fetched[position] = self.fetched[position], None
         if tensor.device.type == "cuda":
+            # This slot's copies only: waiting for the whole side stream would also wait for the fetches of the
+            # layers after it, queued since.
             current = torch.cuda.current_stream(tensor.device)
-            current.wait_stream(self.offload.stream(tensor.device))
+            current.wait_event(self.ready)
             tensor.record_stream(current)
         if all(entry is None for entry in self.fetched):
             self.fetched, self.spent = None, True
