@@ -38,11 +38,13 @@ def test_bad_config_names_the_key(override, fragment):
         load_config(REPO / "configs/smoke.yaml", [override])
 
 
-@pytest.mark.parametrize("lever", ["train.fast.saved_layers=2", "train.fast.offload_inputs=true"])
+@pytest.mark.parametrize("lever", ["train.fast.saved_layers=2", "train.fast.offload_inputs=true",
+                                   "train.fast.host_saved_layers=4"])
 def test_a_selective_lever_asked_for_under_another_checkpointing_mode_is_refused_with_the_fix(lever):
     offload = ["train.fast.checkpointing=offload"]
     fast = load_config(REPO / "configs/smoke.yaml", offload).train.fast  # the defaults: ignored there
     assert fast.saved_layers_in_effect == 0 and not fast.offload_inputs_in_effect
+    assert fast.host_saved_layers_in_effect == 0
     with pytest.raises(UserError) as error:
         load_config(REPO / "configs/smoke.yaml", [*offload, lever])
     message = str(error.value)
