@@ -193,6 +193,17 @@ def train_estimate(config: RunConfig, shape: LlamaShape, cuda: bool) -> sizing.E
     )
 
 
+def pinned_activations(config: RunConfig, shape: LlamaShape) -> int:
+    """Pinned CPU RAM of the fast recipe's offloaded activations, all training processes together (none where the
+    levers do not apply: the plain recipe, no NF4, FSDP). Taken once loading is done, so it adds to the process, not
+    to the loading buffers."""
+    train = config.train
+    if train.recipe != "fast" or train.quantization != "nf4" or train.distributed == "fsdp":
+        return 0
+    return train.num_gpus * sizing.pinned_activation_bytes(shape, train.fast, seq_len=train.seq_len,
+                                                           batch_size=train.batch_size)
+
+
 @dataclass(frozen=True)
 class EvalPlacement:
     """Where eval would put its largest model: the dtype, its weights, the GPU weight budget eval hands accelerate
@@ -325,8 +336,9 @@ def ram_check(config: RunConfig, shapes: RunShapes, stages: list[str], device: D
                                               sizing.DTYPE_BYTES[config.surgery.dtype])
     if "train" in stages and shapes.train:
         largest = shapes.train.largest_tensor_params() * 4  # loading reads a tensor and quantizes or casts it
-        needs["train"] = sizing.PROCESS_BASE_BYTES + 2 * largest + (
-            0 if cuda else train_estimate(config, shapes.train, cuda=False).total)
+        needs["train"] = sizing.PROCESS_BASE_BYTES + (
+            max(2 * largest, pinned_activations(config, shapes.train)) if cuda
+            else 2 * largest + train_estimate(config, shapes.train, cuda=False).total)
     placement = eval_placement(config, shapes, device) if "eval" in stages else None
     if placement is not None:
         _, shape, _ = max(shapes.evaluated, key=lambda entry: entry[1].params)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only read here; sizing stays importable where pydantic is not installed (benchmarks on a GPU box)
-    from pipeline.config import EvalConfig
+    from pipeline.config import EvalConfig, FastRecipeConfig
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -178,6 +178,26 @@ def train_memory(shape: LlamaShape, *, quantization: str, recipe: str, seq_len: 
         "logits": 0 if cuda and fused_cross_entropy else tokens * shape.vocab_size * UNFUSED_LOGITS_BYTES,
     }
     return Estimate(parts)
+
+
+def pinned_activation_bytes(shape: LlamaShape, fast: FastRecipeConfig, *, seq_len: int, batch_size: int) -> int:
+    """Pinned CPU RAM the fast recipe's offloaded activations take on CUDA (train/activation_offload.py).
+
+    Each offloaded layer input is the fp32 residual stream; a host-saved layer also sends its frozen products in
+    bf16: q, attention's output and o (hidden wide each), k and v (the KV width), gate and up (intermediate). Each
+    tensor's pinned chunks round it up by less than 1 MiB, left out here.
+    """
+    layers, tokens = shape.num_hidden_layers, seq_len * batch_size
+    host_saved = min(fast.host_saved_layers_in_effect, layers - fast.saved_layers_in_effect)
+    if fast.checkpointing == "offload":
+        inputs = layers
+    elif fast.offload_inputs_in_effect:
+        inputs = layers - 1  # the last layer keeps its own: the backward needs it first
+    else:
+        inputs = min(host_saved, layers - 1)
+    kv_width = shape.num_key_value_heads * shape.head_dim
+    products = 3 * shape.hidden_size + 2 * kv_width + 2 * shape.intermediate_size
+    return tokens * (inputs * shape.hidden_size * 4 + min(host_saved, layers - 1) * products * 2)
 
 
 def optimizer_state_bytes(shape: LlamaShape, lora_r: int, lora_targets: list[str]) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.doctor import Device, ModelFacts, RunShapes, diagnose, gpu_checks, ram_check, widened_shape
-from pipeline.sizing import GIB, NF4_BYTES_PER_PARAM, LlamaShape, train_memory
+from pipeline.sizing import GIB, NF4_BYTES_PER_PARAM, LlamaShape, pinned_activation_bytes, train_memory
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
@@ -84,6 +84,34 @@ def test_doctor_on_a_24gb_card_trains_the_22b_and_evaluates_it_partly_from_ram(t
                          [f"run_dir={tmp_path}", "train.seq_len=4096", "train.batch_size=4"])
     too_big = {c.name: c for c in gpu_checks(longer, shapes, ["train"], card)}["GPU memory: train"]
     assert too_big.status == "fail" and "train.batch_size" in too_big.fix
+
+
+@pytest.mark.parametrize(("host_saved_layers", "measured_gib"), [(0, 3.96), (12, 10.29), (20, 14.51)])
+def test_pinned_ram_estimate_matches_what_the_offloaded_activations_pinned_on_the_h100(host_saved_layers,
+                                                                                      measured_gib):
+    """benchmarks/RESULTS.md (Train, the sixth round): torch's pinned allocator's peak in the stage's cells, 22b
+    shape, 4096 tokens per micro-batch, the layer inputs offloaded and N layers' products sent to CPU memory."""
+    from pipeline.config import FastRecipeConfig
+
+    shape = LlamaShape(6656, 17920, 40, 52, 52, 128, 32000)
+    fast = FastRecipeConfig(host_saved_layers=host_saved_layers)
+    for seq, batch in ((2048, 2), (4096, 1)):
+        estimate = pinned_activation_bytes(shape, fast, seq_len=seq, batch_size=batch) / GIB
+        assert measured_gib - 0.02 <= estimate <= measured_gib + 0.02
+
+
+def test_doctor_counts_the_pinned_activations_in_the_training_ram(tmp_path):
+    """On CUDA the stage pins the offloaded layer inputs and the host-saved layers' products (10.3 GiB on the 22b
+    with the defaults at 2 x 2048 tokens): the RAM check's train need holds them, and drops when they are turned
+    off."""
+    needs = {}
+    for host_saved_layers in (12, 0):
+        config = load_config(REPO / "configs/llama2-22b-readers.yaml",
+                             [f"run_dir={tmp_path}", f"train.fast.host_saved_layers={host_saved_layers}"])
+        card = Device("RTX 4090", int(23.5 * GIB), int(23.99 * GIB), 1)
+        found = ram_check(config, shapes_22b(config), ["train"], card).found
+        needs[host_saved_layers] = float(found.split("(train ")[1].split(" GiB")[0])
+    assert needs[12] >= 3 + 10.28 and needs[12] - needs[0] == pytest.approx(10.29 - 3.96, abs=0.15)
 
 
 @pytest.mark.parametrize(("recipe", "seq", "batch", "measured_gib"), [
