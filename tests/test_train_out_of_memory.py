@@ -42,6 +42,7 @@ def test_out_of_memory_names_the_levers_and_keeps_the_checkpoint(tiny_llama, tmp
     assert "\n" not in message and message.startswith("the GPU ran out of memory at step 3")
     assert f"train.fast.saved_layers (now {settings.fast.saved_layers}" in message
     assert "train.fast.checkpointing=offload" in message
+    assert f"train.fast.host_saved_layers=0 (now {settings.fast.host_saved_layers}" in message
     assert ("train.batch_size (now 2)" in message) == (batch_size == 2)
     checkpoint = newest_complete_checkpoint(out)
     assert checkpoint.name.endswith("-2") and f"{checkpoint} is kept" in message

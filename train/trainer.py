@@ -292,6 +292,9 @@ def out_of_memory_advice(train: TrainConfig) -> str:
     steps = []
     if train.recipe == "fast" and fast.saved_layers_in_effect:
         steps.append(f"lower train.fast.saved_layers (now {fast.saved_layers}; each is ~0.5 GiB on the 22b)")
+    if train.recipe == "fast" and fast.host_saved_layers_in_effect:
+        steps.append(f"set train.fast.host_saved_layers=0 (now {fast.host_saved_layers}; their copies out held "
+                     "~1.5 GiB more reserved memory on the 22b)")
     if train.batch_size > 1:
         steps.append(f"halve train.batch_size (now {train.batch_size}) and double train.grad_accum")
     if train.recipe == "fast" and fast.checkpointing != "offload":
