@@ -1,7 +1,7 @@
 """What decoder layers keep for their backward, waiting in pinned CPU memory instead of on the GPU.
 
 A layer's saved tensors go to the host on a side stream right after its forward and come back on the same stream
-ahead of its backward, so the PCIe copies overlap the other layers' compute. Two ways in: `inputs_in_cpu_memory`
+ahead of its backward, so the PCIe copies overlap the other layers' compute. Two ways in: `activations_in_cpu_memory`
 puts saved-tensor hooks around a compiled selective layer (its input, or with `products` every activation its
 graph saves), `offloaded_checkpoint` is a reentrant-style checkpoint whose only kept tensor is the layer's input.
 
@@ -230,7 +230,7 @@ def _resident_storages(layer: torch.nn.Module) -> set[int]:
     return {tensor.untyped_storage().data_ptr() for tensor in tensors}
 
 
-def inputs_in_cpu_memory(forward, offload: ActivationOffload, index: int, offloaded: bool = True,
+def activations_in_cpu_memory(forward, offload: ActivationOffload, index: int, offloaded: bool = True,
                          layer: torch.nn.Module | None = None):
     """A selective layer's forward whose saved input waits in pinned CPU memory, and for a layer whose slot holds
     products (its compiled graph keeps its frozen products) every activation the graph saves: saved-tensor hooks

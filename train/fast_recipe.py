@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from pipeline.config import FastRecipeConfig
-from train.activation_offload import ActivationOffload, inputs_in_cpu_memory, offloaded_checkpoint
+from train.activation_offload import ActivationOffload, activations_in_cpu_memory, offloaded_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
     cache) and no-grad forwards keep the eager forward instead of recompiling for every length. Under `selective`,
     the last `saved_layers` layers keep their frozen matmul products for the backward (`keep_frozen_products`,
     `rank` being LoRA's); they share a second compiled graph; with `offload_inputs`, every layer's input but the
-    last one's waits in pinned CPU memory for the backward (`inputs_in_cpu_memory`). The first `host_saved_layers`
+    last one's waits in pinned CPU memory for the backward (`activations_in_cpu_memory`). The first `host_saved_layers`
     layers (those not already among the last `saved_layers`) run that second graph too, and what it saves, their
     products with it, waits in pinned CPU memory.
     """
@@ -256,7 +256,7 @@ def compile_decoder_layers(layers: torch.nn.ModuleList, checkpointing: str = "fu
             train_forward = functools.partial(saving if kept else selective, layer)
             if offload_inputs or on_host:
                 offloaded = index < len(layers) - 1
-                train_forward = inputs_in_cpu_memory(train_forward, offload, index, offloaded, layer)
+                train_forward = activations_in_cpu_memory(train_forward, offload, index, offloaded, layer)
                 if offloaded:
                     layer.offload_slot = offload.slots[index]  # where what it saves waits for the backward
         elif offload is not None:
