@@ -334,8 +334,8 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     if cuda:
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-        pinned = torch.cuda.host_memory_stats().get("allocated_bytes.peak") if hasattr(torch.cuda,
-                                                                                      "host_memory_stats") else None
+        host_stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+        pinned = host_stats.get("allocated_bytes.peak")
         if pinned is not None:  # the offloaded activations' host RAM (torch's pinned allocator; paged state is not)
             result["pinned_host_gib"] = round(pinned / 2**30, 2)
     return result

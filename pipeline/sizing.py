@@ -188,16 +188,17 @@ def pinned_activation_bytes(shape: LlamaShape, fast: FastRecipeConfig, *, seq_le
     tensor's pinned chunks round it up by less than 1 MiB, left out here.
     """
     layers, tokens = shape.num_hidden_layers, seq_len * batch_size
-    host_saved = min(fast.host_saved_layers_in_effect, layers - fast.saved_layers_in_effect)
+    # The last layer keeps what it saves on the GPU: the backward needs it first.
+    host_saved = min(fast.host_saved_layers_in_effect, layers - fast.saved_layers_in_effect, layers - 1)
     if fast.checkpointing == "offload":
         inputs = layers
     elif fast.offload_inputs_in_effect:
-        inputs = layers - 1  # the last layer keeps its own: the backward needs it first
+        inputs = layers - 1
     else:
-        inputs = min(host_saved, layers - 1)
+        inputs = host_saved
     kv_width = shape.num_key_value_heads * shape.head_dim
     products = 3 * shape.hidden_size + 2 * kv_width + 2 * shape.intermediate_size
-    return tokens * (inputs * shape.hidden_size * 4 + min(host_saved, layers - 1) * products * 2)
+    return tokens * (inputs * shape.hidden_size * 4 + host_saved * products * 2)
 
 
 def optimizer_state_bytes(shape: LlamaShape, lora_r: int, lora_targets: list[str]) -> int:

@@ -176,6 +176,30 @@ def _fx_backend(backward_graphs: list):
                         partition_fn=min_cut_rematerialization_partition)
 
 
+def _train_compiled_as_on_the_gpu(folder, ids: torch.Tensor, **levers):
+    """The tiny LoRA Llama's layers compiled by `_fx_backend` under selective checkpointing with `levers`, one
+    training step checked against the eager model's (loss and every gradient); returns the layers and the frozen
+    or LoRA matmuls of each backward graph, in the order autograd ran them (the last layer first)."""
+    import functools
+
+    from train.fast_recipe import compile_decoder_layers
+
+    reference_loss, reference = _loss_and_gradients(_lora_llama(folder, None), ids)
+    torch._dynamo.reset()
+    model = _lora_llama(folder, None)
+    layers = model.get_base_model().model.layers
+    backward_graphs = []
+    compile_decoder_layers(layers, "selective", rank=4,
+                           compiler=functools.partial(torch.compile, backend=_fx_backend(backward_graphs)), **levers)
+    loss, gradients = _loss_and_gradients(model, ids)
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, gradient in gradients.items():
+        assert torch.allclose(gradient, reference[name], rtol=1e-4, atol=1e-6), name
+    products = [sum(node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+                    for node in graph.graph.nodes) for graph in backward_graphs]
+    return layers, products
+
+
 @pytest.mark.parametrize("offload_inputs", [False, True])
 def test_under_compile_a_saved_layer_skips_six_frozen_products_and_the_others_only_down_proj(tiny_llama,
                                                                                               offload_inputs):
@@ -183,34 +207,13 @@ def test_under_compile_a_saved_layer_skips_six_frozen_products_and_the_others_on
     FX instead of being lowered. The backward graph of an ordinary selective layer reruns 6 of the 7 frozen
     products (down_proj's is never read), a saved layer's none, and both train exactly as the eager model does,
     also when the compiled graph's saved input goes through the offload slot (all layers' but the last)."""
-    import functools
-
-    backward_graphs = []
-    backend = _fx_backend(backward_graphs)
     folder = tiny_llama(num_hidden_layers=2, intermediate_size=96)
     ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
-    reference_loss, reference = _loss_and_gradients(_lora_llama(folder, None), ids)
-
-    torch._dynamo.reset()
-    model = _lora_llama(folder, None)
-    from train.fast_recipe import compile_decoder_layers
-
-    layers = model.get_base_model().model.layers
-    compile_decoder_layers(layers, "selective", saved_layers=1, rank=4, offload_inputs=offload_inputs,
-                           compiler=functools.partial(torch.compile, backend=backend))
-    loss, gradients = _loss_and_gradients(model, ids)
+    layers, products = _train_compiled_as_on_the_gpu(folder, ids, saved_layers=1, offload_inputs=offload_inputs)
     if offload_inputs:  # the first layer's input went through its slot (a copy, on CPU); the last layer kept its own
         assert layers[0].offload_slot.stored_shapes() == [(2, 12, 32)] and not hasattr(layers[1], "offload_slot")
-
-    def products(graph):
-        return sum(node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-                   for node in graph.graph.nodes)
-
-    saved, ordinary = (products(graph) for graph in backward_graphs)  # autograd reaches the last layer first
-    assert len(backward_graphs) == 2 and ordinary - saved == 6
-    assert loss == pytest.approx(reference_loss, rel=1e-6)
-    for name, gradient in gradients.items():
-        assert torch.allclose(gradient, reference[name], rtol=1e-4, atol=1e-6), name
+    saved, ordinary = products
+    assert len(products) == 2 and ordinary - saved == 6
 
 
 def test_a_layer_whose_products_wait_in_cpu_memory_reruns_none_of_them_and_trains_exactly(tiny_llama):
@@ -218,37 +221,18 @@ def test_a_layer_whose_products_wait_in_cpu_memory_reruns_none_of_them_and_train
     frozen products (its backward reruns none of the six), what that graph saves - its input and those products,
     never its weights - goes through the layer's offload slot (copies, on CPU), and the model trains exactly as the
     eager one does."""
-    import functools
     import math
 
-    from train.fast_recipe import compile_decoder_layers
-
-    backward_graphs = []
     folder = tiny_llama(num_hidden_layers=2, intermediate_size=96)
     ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(2))
-    reference_loss, reference = _loss_and_gradients(_lora_llama(folder, None), ids)
-
-    torch._dynamo.reset()
-    model = _lora_llama(folder, None)
-    layers = model.get_base_model().model.layers
-    compile_decoder_layers(layers, "selective", rank=4, host_saved_layers=1,
-                           compiler=functools.partial(torch.compile, backend=_fx_backend(backward_graphs)))
-    loss, gradients = _loss_and_gradients(model, ids)
-
-    def products(graph):
-        return sum(node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-                   for node in graph.graph.nodes)
-
-    ordinary, saved = (products(graph) for graph in backward_graphs)  # autograd reaches the last layer first
-    assert len(backward_graphs) == 2 and ordinary - saved == 6
+    layers, products = _train_compiled_as_on_the_gpu(folder, ids, host_saved_layers=1)
+    ordinary, saved = products
+    assert len(products) == 2 and ordinary - saved == 6
     shapes = layers[0].offload_slot.stored_shapes()
     assert (2, 12, 32) in shapes and shapes.count((24, 96)) >= 2  # the input; gate's and up's products
     assert all(math.prod(shape) % 24 == 0 for shape in shapes)  # activations: a multiple of the 24 tokens
     assert not set(shapes) & {tuple(param.shape) for param in layers[0].parameters()}
     assert not hasattr(layers[1], "offload_slot")
-    assert loss == pytest.approx(reference_loss, rel=1e-6)
-    for name, gradient in gradients.items():
-        assert torch.allclose(gradient, reference[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_a_graph_break_in_a_compiled_layer_is_reported_once(tiny_llama, caplog):
